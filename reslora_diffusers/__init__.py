@@ -1,0 +1,23 @@
+"""ResLoRA (arXiv 2402.18039) for the Hugging Face stack."""
+
+from .config import MERGE_METHODS, STRUCTURES, ResLoRAConfig
+from .export import load_training_state, save_merged_lora, save_training_state
+from .merge import MergeResult, merge_error, merge_reslora, merged_view
+from .model import calibration, get_controller, inject_reslora, module_kind
+
+__all__ = [
+    "MERGE_METHODS",
+    "MergeResult",
+    "load_training_state",
+    "merge_error",
+    "merge_reslora",
+    "merged_view",
+    "save_merged_lora",
+    "save_training_state",
+    "STRUCTURES",
+    "ResLoRAConfig",
+    "calibration",
+    "get_controller",
+    "inject_reslora",
+    "module_kind",
+]
