@@ -2,8 +2,8 @@
 
 from .config import MERGE_METHODS, STRUCTURES, ResLoRAConfig
 from .export import load_training_state, save_merged_lora, save_training_state
-from .merge import MergeResult, merge_error, merge_reslora, merged_view
-from .model import calibration, get_controller, inject_reslora, module_kind
+from .merging import MergeResult, merge_error, merge_reslora, merged_view
+from .model import calibration, get_controller, inject_reslora, module_kind, remove_reslora
 
 __all__ = [
     "MERGE_METHODS",
@@ -20,4 +20,5 @@ __all__ = [
     "get_controller",
     "inject_reslora",
     "module_kind",
+    "remove_reslora",
 ]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ResLoRAConfig
-from .merge import MergeResult
+from .merging import MergeResult
 from .model import _unwrap, get_controller, inject_reslora
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"

@@ -232,6 +232,7 @@ def inject_reslora(model: nn.Module, config: ResLoRAConfig, adapter_name: str = 
     root = _unwrap(model)
     if hasattr(root, CONTROLLER_ATTR):
         raise ValueError("This model already has ResLoRA injected.")
+    was_training = root.training
     has_lora = any(isinstance(m, LoraLayer) for m in root.modules())
     if not has_lora:
         from peft import inject_adapter_in_model
@@ -241,6 +242,7 @@ def inject_reslora(model: nn.Module, config: ResLoRAConfig, adapter_name: str = 
         except ValueError as err:
             names = sorted({n.split(".")[-1] for n, m in root.named_modules() if isinstance(m, nn.Linear)})
             raise ValueError(f"{err}\nnn.Linear module names in this model: {names[:40]}") from err
+        root.train(was_training)  # new peft layers start in training mode; keep the model's mode
 
     controller = ResLoRAController(root, config, adapter_name)
     for name, module in root.named_modules():
@@ -258,6 +260,18 @@ def inject_reslora(model: nn.Module, config: ResLoRAConfig, adapter_name: str = 
     if not controller.variants:
         raise ValueError(f"No nn.Linear matched target_modules={config.target_modules}.")
     object.__setattr__(root, CONTROLLER_ATTR, controller)
+    return model
+
+
+def remove_reslora(model: nn.Module) -> nn.Module:
+    """Detach ResLoRA, leaving the peft LoRA layers (and their weights) as plain LoRA."""
+    controller = get_controller(model)
+    for v in controller.variants.values():
+        v.module.lora_variant.pop(controller.adapter_name, None)
+    controller._hook.remove()
+    controller.cache.clear()
+    root = _unwrap(model)
+    object.__delattr__(root, CONTROLLER_ATTR)
     return model
 
 

@@ -17,7 +17,7 @@ the plain LoRA output is ``B* A* x``.
 Both contain the ``bi``/``bw`` choices (``M = a I``), so per layer the fit is never worse; with B of
 full column rank the minimiser is the same for the error measured after B.
 
-Run as ``python -m reslora_diffusers.merge OUTPUT_DIR --merge ls`` to re-merge a saved training run.
+Re-merge a saved training run with ``python -m reslora_diffusers.merge OUTPUT_DIR --merge ls``.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def merge_reslora(
     structure = controller.config.structure
     forward_fn = forward_fn or _default_forward
     batches = list(calibration_batches) if calibration_batches is not None else None
-    if structure in ("is", "ms") and not controller.traced:
+    if structure != "none" and not controller.traced:
         if batches:
             with controller.use_view("train"):
                 _run(model, batches[:1], forward_fn)
