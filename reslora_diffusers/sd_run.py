@@ -1,0 +1,158 @@
+"""What a Stable Diffusion ResLoRA run writes at its end, shared by the training script and
+``python -m reslora_diffusers.merge``: the merged plain LoRA, the merge report and the model card.
+
+A run keeps a fixed calibration set of UNet inputs (noisy latents, timesteps, text embeddings) in
+``reslora_calibration.safetensors``: the first half fits the ``ls`` merge, the second half measures
+every merge's error, so a run can be re-merged later without its dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file
+
+from .export import DIFFUSERS_WEIGHT_NAME, atomic_save_file, atomic_write_text, save_merged_lora
+from .merging import merge_error, merge_reslora
+from .model import get_controller
+
+CALIBRATION_NAME = "reslora_calibration.safetensors"
+REPORT_NAME = "merge_report.json"
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def unet_forward(unet, batch):
+    """The calibration forward: ``batch`` is (noisy_latents, timesteps, encoder_hidden_states)."""
+    noisy, timesteps, hidden = batch
+    dtype = next(p.dtype for p in unet.parameters() if p.is_floating_point())
+    device = next(unet.parameters()).device
+    return unet(noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=hidden.to(device, dtype)).sample
+
+
+def save_calibration(batches: list[tuple], output_dir: str):
+    tensors = {}
+    for i, (noisy, timesteps, hidden) in enumerate(batches):
+        tensors[f"{i}.noisy_latents"] = noisy
+        tensors[f"{i}.timesteps"] = timesteps
+        tensors[f"{i}.encoder_hidden_states"] = hidden
+    atomic_save_file(tensors, os.path.join(output_dir, CALIBRATION_NAME))
+
+
+def load_calibration(output_dir: str) -> list[tuple]:
+    path = os.path.join(output_dir, CALIBRATION_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No calibration set {path}; it is written by train_text_to_image_reslora.py.")
+    tensors = load_file(path)
+    count = len({k.split(".")[0] for k in tensors})
+    return [
+        (tensors[f"{i}.noisy_latents"], tensors[f"{i}.timesteps"], tensors[f"{i}.encoder_hidden_states"])
+        for i in range(count)
+    ]
+
+
+def split_calibration(batches: list) -> tuple[list, list]:
+    """First half fits (ls), second half measures; one batch serves both."""
+    if len(batches) < 2:
+        return batches, batches
+    half = len(batches) // 2
+    return batches[:half], batches[half:]
+
+
+def merge_unet(unet, method: str, calibration_batches: Optional[list] = None, svd_rank: Optional[int] = None):
+    """Merge a ResLoRA UNet; the report's errors are measured on the held-out half of the calibration set."""
+    fit, held_out = split_calibration(calibration_batches or [])
+    controller = get_controller(unet)
+    structure = controller.config.structure
+    if not controller.traced and calibration_batches:  # chains are traced on the first forward
+        with torch.no_grad():
+            unet_forward(unet, calibration_batches[0])
+    needs_fit = method == "ls" and structure in ("is", "ms")
+    result = merge_reslora(
+        unet, method=method, calibration_batches=fit if needs_fit else None, forward_fn=unet_forward, svd_rank=svd_rank
+    )
+    if held_out:
+        result.report["held_out"] = merge_error(unet, result.factors, held_out, unet_forward)
+        result.report["held_out"]["note"] = "relative error of the merged UNet output against the unmerged one"
+    return result
+
+
+def export_run(unet, output_dir: str, method: str, calibration_batches: Optional[list], svd_rank=None, extra=None):
+    """Merge, write ``pytorch_lora_weights.safetensors`` and ``merge_report.json``; returns the report."""
+    result = merge_unet(unet, method, calibration_batches, svd_rank)
+    save_merged_lora(result, output_dir, format="diffusers", prefix="unet")
+    report = dict(result.report)
+    if extra:
+        report.update(extra)
+    atomic_write_text(json.dumps(report, indent=2, sort_keys=True), os.path.join(output_dir, REPORT_NAME))
+    return report
+
+
+def write_model_card(output_dir: str, info: dict):
+    """A diffusers-style model card ``README.md`` for the exported LoRA."""
+    base = info.get("base_model", "")
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "library_name: diffusers",
+        "license: creativeml-openrail-m",
+        "tags:",
+        "- stable-diffusion",
+        "- text-to-image",
+        "- diffusers",
+        "- lora",
+        "- reslora",
+        "inference: true",
+        "---",
+        "",
+        f"# ResLoRA text-to-image fine-tune of {base}",
+        "",
+        f"A plain LoRA for `{base}`, trained with ResLoRA (arXiv 2402.18039) on `{info.get('dataset')}` and merged "
+        "so that it loads and runs like any LoRA (no extra cost at inference).",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    for key in ("structure", "pre_num", "rank", "lora_alpha", "merge", "steps", "resolution", "learning_rate", "seed"):
+        if key in info:
+            lines.append(f"| {key} | {info[key]} |")
+    held = info.get("held_out_error")
+    if held is not None:
+        lines.append(f"| merge error (held-out, relative UNet output) | {held:.3g} |")
+    lines += ["", "## Progress", ""]
+    if os.path.exists(os.path.join(output_dir, "progress_grid.png")):
+        lines += ["Rows are prompts, columns are training steps:", "", "![progress](./progress_grid.png)", ""]
+    lines += [
+        "## How to use",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+        f'pipe.load_lora_weights("{info.get("repo_or_path", output_dir)}", weight_name="{DIFFUSERS_WEIGHT_NAME}")',
+        "pipe.fuse_lora()  # optional: fold the LoRA into the weights, zero inference overhead",
+        f'image = pipe("{info.get("example_prompt", "a cartoon creature")}").images[0]',
+        "```",
+        "",
+        "`merge_report.json` lists each module's merge coefficients and the merge error. The unmerged training "
+        "state (`reslora_training_state.*`) can be re-merged with `python -m reslora_diffusers.merge DIR --merge ls`.",
+        "",
+    ]
+    atomic_write_text("\n".join(lines), os.path.join(output_dir, "README.md"))
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def pick_device_dtype(unet) -> tuple[torch.device, torch.dtype]:
+    p = next(unet.parameters())
+    return p.device, p.dtype

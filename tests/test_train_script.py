@@ -1,0 +1,229 @@
+"""train_text_to_image_reslora.py end to end on the embedded default, plus its input checks.
+
+The runs go through ``accelerate launch`` in a subprocess, as users run it, for a few steps.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_text_to_image_reslora.py"
+sys.path.insert(0, str(ROOT))
+
+import train_text_to_image_reslora as train  # noqa: E402
+
+ACCELERATE = [
+    sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+    "--mixed_precision", "no", "--dynamo_backend", "no",
+]
+QUICK = [
+    "--max_train_steps", "4", "--sample_steps", "2", "--checkpointing_steps", "2", "--train_batch_size", "4",
+    "--pokemon_style_size", "16", "--sample_num_inference_steps", "3", "--calibration_batches", "2",
+    "--report_to", "none",
+]
+
+
+def run_script(args, expect=0, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [*ACCELERATE, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def load_base_pipeline():
+    from reslora_diffusers.tiny_sd2 import load_tiny_base
+
+    return load_tiny_base(torch.float32)
+
+
+def unmerged_unet(run_dir):
+    """The trained model as it was before merging: base UNet + the saved ResLoRA training state."""
+    from reslora_diffusers import load_training_state
+
+    unet = load_base_pipeline().unet
+    load_training_state(unet, str(run_dir))
+    return unet.eval()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for structure in ("none", "is", "bs", "ms"):
+        run_dir = tmp_path_factory.mktemp(f"run-{structure}")
+        extra = ["--pre_num", "2"] if structure in ("bs", "ms") else []
+        run_script(["--output_dir", str(run_dir), "--reslora_structure", structure, *extra, *QUICK])
+        out[structure] = run_dir
+    return out
+
+
+@pytest.mark.parametrize("structure", ["none", "is", "bs", "ms"])
+def test_run_writes_samples_grid_export_and_report(runs, structure):
+    from reslora_diffusers.sd_run import load_calibration, unet_forward
+
+    run_dir = runs[structure]
+    for step in (0, 2, 4):
+        assert len(list((run_dir / "samples" / f"step-{step:06d}").glob("prompt-*_seed-0.png"))) == 3
+    assert (run_dir / "progress_grid.png").stat().st_size > 0
+    assert (run_dir / "README.md").read_text().count("load_lora_weights") == 1
+    report = json.loads((run_dir / "merge_report.json").read_text())
+    assert report["structure"] == structure and report["steps"] == 4
+    assert "relative_output_error" in report["held_out"]
+    keys = load_file(str(run_dir / "pytorch_lora_weights.safetensors")).keys()
+    assert keys and all(k.startswith("unet.") and ".lora_" in k for k in keys)
+
+    pipe = load_base_pipeline()
+    batch = load_calibration(str(run_dir))[-1]
+    with torch.no_grad():
+        before = unet_forward(pipe.unet, batch)
+        pipe.load_lora_weights(str(run_dir))
+        loaded = unet_forward(pipe.unet, batch)
+    assert (loaded - before).abs().max() > 0  # the LoRA was applied
+    unet = unmerged_unet(run_dir)
+    with torch.no_grad():
+        unmerged = unet_forward(unet, batch)
+    rel = ((loaded - unmerged).norm() / unmerged.norm()).item()
+    if structure in ("none", "bs"):  # exact merges
+        torch.testing.assert_close(loaded, unmerged, atol=1e-4, rtol=1e-4)
+    else:  # the merge error the report gives for this held-out batch
+        assert rel == pytest.approx(report["held_out"]["relative_output_error"], rel=0.5, abs=1e-6)
+    with torch.no_grad():
+        pipe.fuse_lora()
+        fused = unet_forward(pipe.unet, batch)
+    torch.testing.assert_close(fused, loaded, atol=1e-4, rtol=1e-4)
+
+
+def test_remerge_cli_rewrites_export_with_another_method(runs, tmp_path):
+    run_dir = runs["is"]
+    out = tmp_path / "remerged"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "reslora_diffusers.merge", str(run_dir), "--merge", "ls", "--output_dir", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["method"] == "ls"
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_resume_reaches_the_same_weights_and_statistics(tmp_path):
+    common = ["--reslora_structure", "is", "--lr_scheduler", "cosine", "--max_train_steps", "6",
+              "--checkpointing_steps", "3", "--sample_steps", "100", "--train_batch_size", "4",
+              "--pokemon_style_size", "12", "--sample_num_inference_steps", "2", "--report_to", "none",
+              "--random_flip", "--calibration_batches", "1"]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    run_script(["--output_dir", str(full), *common])
+    run_script(["--output_dir", str(parts), "--simulate_interrupt_at_step", "4", *common], expect=128 + 15)
+    assert (parts / "checkpoint-4").is_dir() and not list(parts.glob(".checkpoint-*"))
+    assert not (parts / "pytorch_lora_weights.safetensors").exists()
+    run_script(["--output_dir", str(parts), "--resume_from_checkpoint", "latest", *common])
+    a = load_file(str(full / "reslora_training_state.safetensors"))
+    b = load_file(str(parts / "reslora_training_state.safetensors"))
+    assert a.keys() == b.keys() and any(k.endswith("norm_window") for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
+    counts = [json.loads((d / "reslora_training_state.json").read_text())["norm_counts"] for d in (full, parts)]
+    assert counts[0] == counts[1]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    proc = run_script(
+        ["--output_dir", str(tmp_path), "--learning_rate", "1e30", "--max_train_steps", "8", "--checkpointing_steps",
+         "1", "--sample_steps", "100", "--train_batch_size", "2", "--pokemon_style_size", "8",
+         "--sample_num_inference_steps", "1", "--report_to", "none", "--max_grad_norm", "0"],
+        expect=1,
+    )
+    assert "Non-finite loss" in proc.stdout + proc.stderr
+    checkpoints = sorted(tmp_path.glob("checkpoint-*"))
+    assert checkpoints
+    state = load_file(str(checkpoints[-1] / "reslora_training_state.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+# ------------------------------------------------------------------------------- bad inputs
+def cli_error(argv, capsys):
+    code = train.cli(argv)
+    assert code == 2
+    return capsys.readouterr().err
+
+
+def make_imagefolder(path, column="text", corrupt=False):
+    from PIL import Image
+
+    path.mkdir()
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (40, 40), (40 * i, 90, 160)).save(path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", column: f"a creature {i}"})
+    if corrupt:
+        (path / "broken.png").write_bytes(b"this is not a png")
+        rows.append({"file_name": "broken.png", column: "broken"})
+    (path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_missing_caption_column_lists_the_columns(tmp_path, capsys):
+    folder = make_imagefolder(tmp_path / "data", column="caption")
+    err = cli_error(["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "--caption_column 'text' is not a column" in err and "caption" in err and "image" in err
+
+
+def test_model_path_that_is_not_a_pipeline(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    err = cli_error(["--pretrained_model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "not a diffusers Stable Diffusion pipeline" in err
+
+
+def test_unknown_alias_structure_and_pre_num(tmp_path, capsys):
+    assert "Unknown dataset alias 'pokemon'" in cli_error(["--dataset", "pokemon"], capsys)
+    assert "Unknown ResLoRA structure 'xs'" in cli_error(["--reslora_structure", "xs"], capsys)
+    assert "pre_num=-2 is invalid" in cli_error(["--pre_num", "-2"], capsys)
+    assert "Unknown --merge 'avg'" in cli_error(["--merge", "avg"], capsys)
+
+
+def test_hub_ids_without_hub_access_point_to_offline_choices(tmp_path, capsys):
+    err = cli_error(["--dataset", "naruto-blip-captions", "--output_dir", str(tmp_path / "o")], capsys)
+    assert "Could not load dataset 'lambdalabs/naruto-blip-captions'" in err and "pokemon-style" in err
+    err = cli_error(
+        ["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-2", "--output_dir", str(tmp_path / "o")], capsys
+    )
+    assert "Could not load a diffusers Stable Diffusion pipeline" in err and "embedded tiny base" in err
+
+
+def test_corrupt_image_fails_clearly_or_is_skipped(tmp_path, capsys):
+    folder = make_imagefolder(tmp_path / "data", corrupt=True)
+    err = cli_error(["--train_data_dir", str(folder), "--on_bad_image", "error", "--output_dir", str(tmp_path / "o")], capsys)
+    assert "1 unreadable image(s)" in err and "#3" in err
+    proc = run_script(
+        ["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "skip"), "--max_train_steps", "2",
+         "--train_batch_size", "4", "--sample_steps", "100", "--sample_num_inference_steps", "1", "--report_to", "none"]
+    )
+    assert "Skipped 1 unreadable image(s)" in proc.stdout + proc.stderr
+
+
+def test_sharded_modes_are_refused_and_zero2_accepted():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    with pytest.raises(train.TrainingError, match="Supported: single process"):
+        train.check_parallelism(fsdp, None)
+    zero3 = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3))
+    )
+    with pytest.raises(train.TrainingError, match="ZeRO-3"):
+        train.check_parallelism(zero3, None)
+    zero2 = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))
+    )
+    train.check_parallelism(zero2, None)

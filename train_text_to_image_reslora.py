@@ -1,0 +1,817 @@
+#!/usr/bin/env python
+"""Fine-tune Stable Diffusion (2) with ResLoRA and export a merged, plain LoRA.
+
+    accelerate launch train_text_to_image_reslora.py --dataset pokemon-blip-captions \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-2 --resolution 768
+
+With no model and no dataset it trains the embedded tiny SD2-layout base on the procedural
+``pokemon-style`` dataset (offline, a few minutes on a CPU). Flags follow diffusers'
+``examples/text_to_image/train_text_to_image_lora.py``; ResLoRA adds ``--reslora_structure``,
+``--pre_num``, ``--lora_alpha`` and ``--merge``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reslora_diffusers import ResLoRAConfig, get_controller, inject_reslora, merged_view
+from reslora_diffusers.config import MERGE_METHODS, STRUCTURES
+from reslora_diffusers.export import STATE_CONFIG_NAME, load_training_state, save_training_state
+from reslora_diffusers.sd_run import (
+    TARGET_MODULES,
+    export_run,
+    merge_unet,
+    save_calibration,
+    step_dir_name,
+    write_model_card,
+)
+
+logger = logging.getLogger("train_text_to_image_reslora")
+
+DATASET_ALIASES = {
+    "pokemon-blip-captions": "lambdalabs/pokemon-blip-captions",
+    "naruto-blip-captions": "lambdalabs/naruto-blip-captions",
+}
+EMBEDDED_DATASET = "pokemon-style"
+DEFAULT_SAMPLE_PROMPTS = [
+    "a green cartoon creature with big eyes and a long tail",
+    "a pink cartoon creature with small ears",
+    "a blue cartoon creature with wings",
+]
+# defaults for the embedded tiny base (a short CPU run); hub models get diffusers' defaults
+EMBEDDED_DEFAULTS = dict(resolution=64, train_batch_size=8, max_train_steps=300, learning_rate=1e-3, sample_steps=50)
+HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, learning_rate=1e-4, sample_steps=500)
+
+
+class TrainingError(RuntimeError):
+    """A problem with the inputs, reported before any training (or a stop with a clear reason)."""
+
+
+# ----------------------------------------------------------------------------------------- args
+def parse_args(input_args=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="Diffusers SD pipeline (hub id or folder). Default: the embedded tiny SD2-layout base.")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None)
+    g.add_argument("--dataset", default=None,
+                   help=f"{', '.join(DATASET_ALIASES)}, {EMBEDDED_DATASET} (embedded, offline), a hub dataset id, or "
+                   "a local imagefolder with metadata.jsonl. Default: pokemon-style.")
+    g.add_argument("--dataset_name", default=None, help="Hub dataset id (as in diffusers' example).")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="Local imagefolder with metadata.jsonl (as in diffusers).")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--pokemon_style_size", type=int, default=256, help="Samples of the embedded dataset.")
+    g.add_argument("--on_bad_image", choices=["skip", "error"], default="skip",
+                   help="skip: drop unreadable images and count them; error: check every image before training.")
+    g.add_argument("--cache_dir", default=None)
+
+    g = p.add_argument_group("ResLoRA")
+    g.add_argument("--reslora_structure", default="is", help=f"One of {', '.join(STRUCTURES)} ('none' = plain LoRA).")
+    g.add_argument("--pre_num", type=int, default=1, help="Previous blocks used by bs/ms; -1 = all.")
+    g.add_argument("--rank", type=int, default=4)
+    g.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank (scale 1), as diffusers.")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--merge", default="bi", help=f"Merge for is/ms: {', '.join(MERGE_METHODS)} (bs is exact).")
+    g.add_argument("--merge_window", type=int, default=50, help="Window of activation norms for the bi merge.")
+    g.add_argument("--calibration_batches", type=int, default=4,
+                   help="Fixed batches kept to fit the ls merge (half) and measure merge error (half).")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--output_dir", default="reslora-model")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resolution", type=int, default=None)
+    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--train_batch_size", type=int, default=None)
+    g.add_argument("--num_train_epochs", type=int, default=100)
+    g.add_argument("--max_train_steps", type=int, default=None)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Non-reentrant (exact for every structure).")
+    g.add_argument("--learning_rate", type=float, default=None)
+    g.add_argument("--scale_lr", action="store_true")
+    g.add_argument("--lr_scheduler", default="constant",
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-08)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--snr_gamma", type=float, default=None)
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--prediction_type", default=None, choices=[None, "epsilon", "v_prediction"])
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--allow_tf32", action="store_true")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g.add_argument("--simulate_interrupt_at_step", type=int, default=None,
+                   help="Testing aid: act as if SIGTERM arrived at this step (checkpoint, then exit).")
+
+    g = p.add_argument_group("samples and logging")
+    g.add_argument("--sample_steps", type=int, default=None, help="Sample every N optimizer steps (and at step 0).")
+    g.add_argument("--sample_prompts", nargs="+", default=None)
+    g.add_argument("--validation_prompt", default=None, help="Added to the sample prompts.")
+    g.add_argument("--num_validation_images", type=int, default=1, help="Seeds per prompt in each snapshot.")
+    g.add_argument("--sample_num_inference_steps", type=int, default=20)
+    g.add_argument("--sample_guidance_scale", type=float, default=4.0)
+    g.add_argument("--sample_unmerged", action="store_true", help="Also save the unmerged view (is/ms).")
+    g.add_argument("--report_to", default=None, help="tensorboard, wandb, all or none. Default: tensorboard if installed.")
+    g.add_argument("--logging_dir", default="logs")
+    args = p.parse_args(input_args)
+    fill_defaults(args)
+    return args
+
+
+def fill_defaults(args):
+    embedded = args.pretrained_model_name_or_path is None
+    defaults = EMBEDDED_DEFAULTS if embedded else HUB_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)
+    if args.dataset is None and args.dataset_name is None and args.train_data_dir is None:
+        args.dataset = EMBEDDED_DATASET
+    if args.merge not in MERGE_METHODS:
+        raise TrainingError(f"Unknown --merge {args.merge!r}; choose one of {', '.join(MERGE_METHODS)}.")
+    if args.dataset is not None and "/" not in args.dataset and args.dataset != EMBEDDED_DATASET \
+            and args.dataset not in DATASET_ALIASES and not os.path.isdir(args.dataset):
+        raise TrainingError(
+            f"Unknown dataset alias {args.dataset!r}. Use one of {', '.join([EMBEDDED_DATASET, *DATASET_ALIASES])}, "
+            "a hub dataset id (owner/name) or a local imagefolder with metadata.jsonl."
+        )
+    try:  # validates structure, pre_num, rank, alpha, dropout
+        args.reslora_config = ResLoRAConfig(
+            structure=args.reslora_structure, pre_num=args.pre_num, r=args.rank, lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout, target_modules=list(TARGET_MODULES), merge_window=args.merge_window,
+        )
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+
+
+# ----------------------------------------------------------------------------------------- data
+def load_raw_dataset(args):
+    """A datasets.Dataset with image and caption columns, from an alias, the hub, a folder or the embedded set."""
+    import datasets
+
+    if args.train_data_dir or (args.dataset and os.path.isdir(args.dataset)):
+        folder = args.train_data_dir or args.dataset
+        if not os.path.exists(os.path.join(folder, "metadata.jsonl")):
+            raise TrainingError(f"{folder} has no metadata.jsonl: an imagefolder needs one with file_name and captions.")
+        return datasets.load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=args.cache_dir)
+    if args.dataset == EMBEDDED_DATASET and args.dataset_name is None:
+        from reslora_diffusers.pokemon_style import make_pokemon_style_dataset
+
+        return make_pokemon_style_dataset(num_samples=args.pokemon_style_size, seed=args.seed, resolution=args.resolution)
+    name = args.dataset_name or DATASET_ALIASES.get(args.dataset, args.dataset)
+    try:
+        return datasets.load_dataset(name, args.dataset_config_name, split="train", cache_dir=args.cache_dir)
+    except Exception as err:  # offline, gated or missing
+        raise TrainingError(
+            f"Could not load dataset {name!r} from the Hugging Face hub ({type(err).__name__}: {str(err)[:300]}). "
+            f"Offline choices: --dataset {EMBEDDED_DATASET} (embedded), or --train_data_dir / --dataset pointing "
+            "to a local imagefolder with metadata.jsonl."
+        ) from err
+
+
+def undecoded(dataset, column):
+    """Decode images ourselves (in ImageCaptionDataset) so an unreadable one is counted, not a crash."""
+    import datasets
+
+    if isinstance(dataset.features.get(column), datasets.Image):
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def check_columns(dataset, args):
+    columns = list(dataset.column_names)
+    for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        if column not in columns:
+            raise TrainingError(
+                f"{flag} {column!r} is not a column of the dataset. Its columns are: {', '.join(columns)}. "
+                f"Pass {flag} with one of them."
+            )
+
+
+def open_image(value):
+    """A decoded RGB PIL image from a datasets Image value (decoded or not); raises on unreadable data."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict):
+        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    elif isinstance(value, (str, os.PathLike)):
+        image = Image.open(value)
+    else:
+        raise ValueError(f"not an image: {type(value).__name__}")
+    image.load()
+    return image.convert("RGB")
+
+
+def transform_image(image, resolution, center_crop, random_flip, rng):
+    """Resize (shorter side), crop, maybe flip, to a [-1, 1] CHW tensor. PIL + numpy only."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Decodes, augments and tokenises one example; randomness depends only on (seed, epoch, index)."""
+
+    def __init__(self, hf_dataset, args, tokenizer):
+        self.data = hf_dataset
+        self.args = args
+        self.tokenizer = tokenizer
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def use_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, index):
+        row = self.data[int(index)]
+        rng = np.random.default_rng([self.args.seed, self.epoch, int(index)])
+        try:
+            image = open_image(row[self.args.image_column])
+        except Exception:
+            return None
+        caption = row[self.args.caption_column]
+        if isinstance(caption, (list, tuple, np.ndarray)):
+            caption = caption[int(rng.integers(0, len(caption)))]
+        if not isinstance(caption, str):
+            raise TrainingError(f"Caption of example {index} is a {type(caption).__name__}, not text.")
+        ids = self.tokenizer(
+            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
+        pixels = transform_image(image, self.args.resolution, self.args.center_crop, self.args.random_flip, rng)
+        return {"pixel_values": pixels, "input_ids": ids}
+
+
+def collate(examples):
+    good = [e for e in examples if e is not None]
+    batch = {"num_bad": torch.tensor(len(examples) - len(good))}
+    if good:
+        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in good])
+        batch["input_ids"] = torch.stack([e["input_ids"] for e in good])
+    return batch
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, length, seed):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def use_epoch(self, epoch):  # not set_epoch: accelerate would call that with its own counter
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+
+def validate_images(dataset, column):
+    """Decode every image once; fail listing the unreadable ones (--on_bad_image error)."""
+    from tqdm.auto import tqdm
+
+    bad = []
+    for i in tqdm(range(len(dataset)), desc="checking images"):
+        try:
+            open_image(dataset[i][column])
+        except Exception as err:
+            bad.append(f"#{i} ({type(err).__name__}: {str(err)[:80]})")
+    if bad:
+        raise TrainingError(
+            f"{len(bad)} unreadable image(s) in column {column!r}: {'; '.join(bad[:10])}. "
+            "Fix or remove them, or pass --on_bad_image skip to train without them."
+        )
+
+
+# ---------------------------------------------------------------------------------------- model
+def load_components(args):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = args.pretrained_model_name_or_path
+    if path is None:
+        from reslora_diffusers.tiny_sd2 import TINY_BASE_PATH
+
+        path = TINY_BASE_PATH
+        if not os.path.isdir(path):
+            raise TrainingError(f"The embedded base is missing at {path}; build it: python scripts/build_tiny_base.py --out {path}")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "model_index.json")):
+        raise TrainingError(
+            f"{path} is not a diffusers Stable Diffusion pipeline folder (no model_index.json). Point "
+            "--pretrained_model_name_or_path at a pipeline saved with save_pretrained, or a hub id such as "
+            "stabilityai/stable-diffusion-2."
+        )
+    kw = dict(revision=args.revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=args.revision)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **kw)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    except (OSError, ValueError, EnvironmentError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower() or "connect" in str(err).lower()
+        hint = (
+            " The hub is not reachable: run without --pretrained_model_name_or_path to use the embedded tiny base, "
+            "or pass a local pipeline folder." if offline else ""
+        )
+        raise TrainingError(
+            f"Could not load a diffusers Stable Diffusion pipeline from {path!r} ({type(err).__name__}: "
+            f"{str(err)[:300]}). It needs tokenizer/, text_encoder/, vae/, unet/ and scheduler/.{hint}"
+        ) from err
+    return path, tokenizer, text_encoder, vae, unet, scheduler
+
+
+def check_parallelism(accelerator, args):
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        raise TrainingError(
+            "FSDP shards parameters per wrapped unit, but ResLoRA 'bs' reads other layers' LoRA weights and "
+            "'is'/'ms' other layers' activations. Supported: single process, multi-GPU/CPU DDP, DeepSpeed ZeRO-1/2."
+        )
+    if kind == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage == 3:
+            raise TrainingError(
+                "DeepSpeed ZeRO-3 shards parameters, which ResLoRA reads across layers. Use ZeRO-1 or ZeRO-2, "
+                "DDP, or a single process."
+            )
+
+
+# ------------------------------------------------------------------------------------- sampling
+class Sampler:
+    """Generates the fixed prompts x seeds with the training UNet (no pipeline copy, no CPU autocast)."""
+
+    def __init__(self, args, accelerator, tokenizer, text_encoder, vae, unet, scheduler):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        self.args, self.accelerator = args, accelerator
+        self.prompts = list(args.sample_prompts or DEFAULT_SAMPLE_PROMPTS)
+        if args.validation_prompt:
+            self.prompts.insert(0, args.validation_prompt)
+        self.seeds = list(range(args.num_validation_images))
+        self.unet = unet
+        self.pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
+            scheduler=DDIMScheduler.from_config(scheduler.config), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.samples_dir = Path(args.output_dir) / "samples"
+
+    def _autocast(self):
+        if self.accelerator.device.type == "cpu" or self.accelerator.mixed_precision == "no":
+            return contextlib.nullcontext()  # CPU autocast runs bf16 and is far slower
+        return torch.autocast(self.accelerator.device.type)
+
+    def generate(self):
+        rows = []
+        for prompt in self.prompts:
+            row = []
+            for seed in self.seeds:
+                g = torch.Generator(device=self.accelerator.device).manual_seed(seed)
+                with self._autocast():
+                    image = self.pipe(
+                        prompt, num_inference_steps=self.args.sample_num_inference_steps,
+                        guidance_scale=self.args.sample_guidance_scale, generator=g,
+                        height=self.args.resolution, width=self.args.resolution,
+                    ).images[0]
+                row.append(image)
+            rows.append(row)
+        return rows
+
+    @torch.no_grad()
+    def snapshot(self, step, calibration):
+        """Save merged-view samples (and unmerged on request) for ``step``, then redraw the progress grid."""
+        model = self.accelerator.unwrap_model(self.unet)
+        was_training = model.training
+        model.eval()
+        try:
+            result = merge_unet(model, self.args.merge, calibration)
+            with merged_view(model, result):
+                merged = self.generate()
+            views = {"": merged}
+            if self.args.sample_unmerged and self.args.reslora_structure in ("is", "ms"):
+                views["unmerged"] = self.generate()
+        finally:
+            model.train(was_training)
+        folder = self.samples_dir / step_dir_name(step)
+        for sub, rows in views.items():
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            for i, row in enumerate(rows):
+                for seed, image in zip(self.seeds, row):
+                    image.save(folder / sub / f"prompt-{i:02d}_seed-{seed}.png")
+        with open(folder / "prompts.json", "w") as f:
+            json.dump({"prompts": self.prompts, "seeds": self.seeds}, f, indent=2)
+        self.draw_grid()
+        return merged
+
+    def draw_grid(self):
+        from PIL import Image
+
+        from reslora_diffusers.grids import make_grid
+
+        steps = sorted(self.samples_dir.glob("step-*"))
+        if not steps:
+            return
+        rows = []
+        for i, _ in enumerate(self.prompts):
+            rows.append([Image.open(s / f"prompt-{i:02d}_seed-{self.seeds[0]}.png").convert("RGB") for s in steps])
+        labels = [f"step {int(s.name.split('-')[1])}" for s in steps]
+        grid = make_grid(rows, row_labels=self.prompts, col_labels=labels)
+        tmp = Path(self.args.output_dir) / ".progress_grid.png.tmp"
+        grid.save(tmp, format="PNG")
+        os.replace(tmp, Path(self.args.output_dir) / "progress_grid.png")
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(output_dir):
+    dirs = [d for d in Path(output_dir).glob("checkpoint-*") if d.is_dir() and d.name.split("-")[1].isdigit()]
+    return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, args, step):
+    """accelerator.save_state into a temporary folder, renamed when complete."""
+    final = Path(args.output_dir) / f"checkpoint-{step}"
+    tmp = Path(args.output_dir) / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        existing = checkpoint_dirs(args.output_dir)
+        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(old)
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        logger.info(f"Saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(args):
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger  # noqa: F401  (accelerate's logging setup)
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from tqdm.auto import tqdm
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    report_to = resolve_report_to(args.report_to)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    check_parallelism(accelerator, args)
+    set_seed(args.seed)
+
+    # --- everything that can be wrong with the inputs is checked before any training
+    raw = load_raw_dataset(args)
+    check_columns(raw, args)
+    raw = undecoded(raw, args.image_column)
+    if args.max_train_samples is not None:
+        raw = raw.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(raw))))
+    if args.on_bad_image == "error":
+        validate_images(raw, args.image_column)
+    model_path, tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (vae, text_encoder, unet):
+        module.requires_grad_(False)
+    unet.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    inject_reslora(unet, args.reslora_config)
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        cast_training_params(unet, dtype=torch.float32)  # LoRA weights (and merge statistics) stay fp32
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # diffusers' default is non-reentrant: exact for is/ms
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    run_info = {"pretrained_model_name_or_path": model_path,
+                "revision": args.revision, "dataset": args.dataset_name or args.train_data_dir or args.dataset}
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                save_training_state(accelerator.unwrap_model(model), output_dir, extra=run_info)
+        while weights:
+            weights.pop()  # only the ResLoRA state, not the frozen base
+
+    def load_model_hook(models, input_dir):
+        while models:
+            load_training_state(accelerator.unwrap_model(models.pop()), input_dir)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    train_dataset = ImageCaptionDataset(raw, args, tokenizer)
+    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
+    dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
+        num_workers=args.dataloader_num_workers, drop_last=False,
+    )
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    if accelerator.is_main_process and report_to != "none":
+        accelerator.init_trackers("reslora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    # --- fixed calibration set (ls merge and merge error), from the first examples and fixed noise
+    calibration = build_calibration(args, train_dataset, vae, text_encoder, noise_scheduler, accelerator, weight_dtype)
+    if accelerator.is_main_process:
+        save_calibration(calibration, args.output_dir)
+
+    global_step, first_epoch, resume_skip = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = resolve_checkpoint(args)
+        if path is None:
+            accelerator.print(f"No checkpoint to resume from in {args.output_dir}; starting a new run.")
+        else:
+            accelerator.print(f"Resuming from {path}")
+            accelerator.load_state(str(path))
+            global_step = int(path.name.split("-")[1])
+            first_epoch = global_step // updates_per_epoch
+            resume_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    sampler_obj = Sampler(args, accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler) if accelerator.is_main_process else None
+    if sampler_obj is not None and global_step == 0:
+        sampler_obj.snapshot(0, calibration)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        accelerator.print(f"\nReceived signal {signum}: saving a checkpoint after this step, then exiting.")
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    bad_images = 0
+    last_checkpoint = None
+    exit_code = 0
+    unet.train()
+    start = time.time()
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            sampler.use_epoch(epoch)
+            train_dataset.use_epoch(epoch)
+            loader = dataloader
+            if epoch == first_epoch and resume_skip:
+                loader = accelerator.skip_first_batches(dataloader, resume_skip)
+            micro = 0
+            accumulated = torch.zeros((), device=accelerator.device)
+            for batch in loader:
+                bad_images += int(batch["num_bad"])
+                if "pixel_values" not in batch:
+                    continue
+                with accelerator.accumulate(unet):
+                    gen = step_generator(args.seed, global_step, micro, accelerator)
+                    loss = diffusion_loss(args, batch, vae, text_encoder, unet, noise_scheduler, weight_dtype, gen, compute_snr)
+                    accumulated += loss.detach() / args.gradient_accumulation_steps
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                micro = 0
+                step_loss = accelerator.reduce(accumulated, "mean")
+                accumulated = torch.zeros((), device=accelerator.device)
+                if not torch.isfinite(step_loss):
+                    raise TrainingError(
+                        f"Non-finite loss ({step_loss.item()}) at step {global_step + 1}; stopping without saving it. "
+                        f"Last good checkpoint: {last_checkpoint or 'none'}. Lower --learning_rate, set "
+                        "--max_grad_norm, or use --mixed_precision bf16/no instead of fp16."
+                    )
+                global_step += 1
+                progress.update(1)
+                logs = {"loss": step_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+                accelerator.log(logs, step=global_step)
+                if global_step % args.checkpointing_steps == 0:
+                    last_checkpoint = save_checkpoint(accelerator, args, global_step)
+                if sampler_obj is not None and global_step % args.sample_steps == 0:
+                    sampler_obj.snapshot(global_step, calibration)
+                if args.simulate_interrupt_at_step == global_step:
+                    stop["signal"] = signal.SIGTERM
+                if stop_requested(stop, accelerator):
+                    last_checkpoint = save_checkpoint(accelerator, args, global_step)
+                    accelerator.print(f"Stopped at step {global_step}; resume with --resume_from_checkpoint latest.")
+                    exit_code = 128 + int(stop["signal"] or signal.SIGTERM)
+                    return exit_code
+                if global_step >= args.max_train_steps:
+                    break
+            if global_step >= args.max_train_steps:
+                break
+    except TrainingError as err:
+        accelerator.print(f"ERROR: {err}")
+        return 1
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        progress.close()
+        if bad_images:
+            accelerator.print(f"Skipped {bad_images} unreadable image(s) (--on_bad_image skip).")
+
+    elapsed = time.time() - start
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        if global_step % args.sample_steps != 0:
+            sampler_obj.snapshot(global_step, calibration)
+        save_training_state(model, args.output_dir, extra=run_info)
+        model.eval()
+        report = export_run(model, args.output_dir, args.merge, calibration,
+                            extra={"steps": global_step, "train_seconds": round(elapsed, 1), "skipped_images": bad_images})
+        write_model_card(args.output_dir, {
+            "base_model": model_path, "dataset": run_info["dataset"],
+            "structure": args.reslora_structure, "pre_num": args.pre_num, "rank": args.rank,
+            "lora_alpha": args.lora_alpha, "merge": args.merge if args.reslora_structure in ("is", "ms") else "exact",
+            "steps": global_step, "resolution": args.resolution, "learning_rate": args.learning_rate, "seed": args.seed,
+            "held_out_error": report.get("held_out", {}).get("relative_output_error"),
+            "example_prompt": sampler_obj.prompts[0],
+        })
+        accelerator.print(f"Done: {global_step} steps in {elapsed:.0f}s. Merged LoRA in {args.output_dir}.")
+    accelerator.end_training()
+    return exit_code
+
+
+def resolve_report_to(value):
+    import importlib.util
+
+    if value is None:
+        return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    for name in (["tensorboard", "wandb"] if value == "all" else [value]):
+        if name != "none" and importlib.util.find_spec(name) is None:
+            raise TrainingError(f"--report_to {value}: {name} is not installed. pip install {name}, or pass --report_to none.")
+    return value
+
+
+def resolve_checkpoint(args):
+    if args.resume_from_checkpoint == "latest":
+        dirs = checkpoint_dirs(args.output_dir)
+        return dirs[-1] if dirs else None
+    path = Path(args.resume_from_checkpoint)
+    if not path.is_dir() or not (path / STATE_CONFIG_NAME).exists():
+        raise TrainingError(f"--resume_from_checkpoint {path}: not a checkpoint folder of this script.")
+    return path
+
+
+def stop_requested(stop, accelerator):
+    flag = torch.tensor(1.0 if stop["signal"] is not None else 0.0, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, "max")
+    return bool(flag > 0)
+
+
+def step_generator(seed, step, micro, accelerator):
+    """Noise for an optimizer step depends only on (seed, step, micro-batch, process), so resume is exact."""
+    g = torch.Generator(device=accelerator.device)
+    g.manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 64 + accelerator.process_index)
+    return g
+
+
+def diffusion_loss(args, batch, vae, text_encoder, unet, noise_scheduler, weight_dtype, gen, compute_snr):
+    device = batch["pixel_values"].device
+    with torch.no_grad():
+        latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator=gen)
+        latents = latents * vae.config.scaling_factor
+        hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
+    noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
+    if args.noise_offset:
+        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise TrainingError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+    pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+    if args.snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3]) * weights
+    return loss.mean()
+
+
+@torch.no_grad()
+def build_calibration(args, dataset, vae, text_encoder, noise_scheduler, accelerator, weight_dtype):
+    """Fixed UNet inputs from the first examples with fixed noise and spread timesteps."""
+    batches, index = [], 0
+    g = torch.Generator(device=accelerator.device).manual_seed(args.seed + 12345)
+    size = max(1, min(args.train_batch_size, 4))
+    for b in range(args.calibration_batches):
+        examples = []
+        while len(examples) < size and index < len(dataset):
+            e = dataset[index]
+            index += 1
+            if e is not None:
+                examples.append(e)
+        if not examples:
+            break
+        batch = collate(examples)
+        pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+        steps = noise_scheduler.config.num_train_timesteps
+        timesteps = torch.linspace(steps * (b + 0.5) / (args.calibration_batches + 1), steps - 1, len(examples)).long()
+        timesteps = timesteps.to(accelerator.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+        batches.append((noisy.float().cpu(), timesteps.cpu(), hidden.float().cpu()))
+    return batches
+
+
+def cli(argv=None):
+    try:
+        args = parse_args(argv)
+        return main(args)
+    except TrainingError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
