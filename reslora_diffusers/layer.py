@@ -28,6 +28,34 @@ if TYPE_CHECKING:
     from .model import ResLoRAController
 
 
+class _SumLinear(torch.autograd.Function):
+    """``(x + x_prev) @ A^T`` that saves only x and x_prev (which the base layers keep anyway), not the sum.
+
+    Computing the sum outside would make autograd keep a new full-size activation per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_prev, weight):
+        ctx.save_for_backward(x, x_prev, weight)
+        return F.linear(x + x_prev, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, x_prev, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)  # under autocast the output (and so grad) may be lower precision
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x = (grad @ weight).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            total = (x + x_prev).to(weight.dtype)
+            grad_w = grad.reshape(-1, grad.shape[-1]).T @ total.reshape(-1, total.shape[-1])
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_x if ctx.needs_input_grad[1] else None,
+            grad_w,
+        )
+
+
 class ResLoRAVariant(LoraVariant):
     """The ResLoRA forward of one LoRA layer, linked to earlier layers of the same kind."""
 
@@ -122,6 +150,8 @@ class ResLoRAVariant(LoraVariant):
                 self.record_norm(x)
             if ctl.calibrating:
                 self.accumulate_is(x, x_prev, lora_a.weight)
+            if isinstance(dropout, torch.nn.Identity) and lora_a.bias is None:
+                return result + lora_b(_SumLinear.apply(x, x_prev, lora_a.weight)) * scaling
             return result + lora_b(lora_a(dropout(x + x_prev))) * scaling
 
         # structure == "ms"
