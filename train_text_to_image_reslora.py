@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from reslora_diffusers import ResLoRAConfig, get_controller, inject_reslora, merged_view
 from reslora_diffusers.config import MERGE_METHODS, STRUCTURES
+from reslora_diffusers.distributed import UnsupportedDistributedMode, check_distributed_mode
 from reslora_diffusers.export import STATE_CONFIG_NAME, load_training_state, save_training_state
 from reslora_diffusers.sd_run import (
     TARGET_MODULES,
@@ -368,24 +369,6 @@ def load_components(args):
     return path, tokenizer, text_encoder, vae, unet, scheduler
 
 
-def check_parallelism(accelerator, args):
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
-        raise TrainingError(
-            "FSDP shards parameters per wrapped unit, but ResLoRA 'bs' reads other layers' LoRA weights and "
-            "'is'/'ms' other layers' activations. Supported: single process, multi-GPU/CPU DDP, DeepSpeed ZeRO-1/2."
-        )
-    if kind == DistributedType.DEEPSPEED:
-        stage = accelerator.state.deepspeed_plugin.zero_stage
-        if stage == 3:
-            raise TrainingError(
-                "DeepSpeed ZeRO-3 shards parameters, which ResLoRA reads across layers. Use ZeRO-1 or ZeRO-2, "
-                "DDP, or a single process."
-            )
-
-
 # ------------------------------------------------------------------------------------- sampling
 class Sampler:
     """Generates the fixed prompts x seeds with the training UNet (no pipeline copy, no CPU autocast)."""
@@ -517,7 +500,10 @@ def main(args):
         log_with=None if report_to == "none" else report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
-    check_parallelism(accelerator, args)
+    try:
+        check_distributed_mode(accelerator)  # FSDP / ZeRO-3 shard what ResLoRA reads across layers
+    except UnsupportedDistributedMode as err:
+        raise TrainingError(str(err)) from err
     set_seed(args.seed)
 
     # --- everything that can be wrong with the inputs is checked before any training
@@ -668,8 +654,10 @@ def main(args):
                 accelerator.log(logs, step=global_step)
                 if global_step % args.checkpointing_steps == 0:
                     last_checkpoint = save_checkpoint(accelerator, args, global_step)
-                if sampler_obj is not None and global_step % args.sample_steps == 0:
-                    sampler_obj.snapshot(global_step, calibration)
+                if global_step % args.sample_steps == 0:
+                    sync_merge_statistics(accelerator, unet)  # on every rank, before the main process merges
+                    if sampler_obj is not None:
+                        sampler_obj.snapshot(global_step, calibration)
                 if args.simulate_interrupt_at_step == global_step:
                     stop["signal"] = signal.SIGTERM
                 if stop_requested(stop, accelerator):
@@ -692,6 +680,7 @@ def main(args):
             accelerator.print(f"Skipped {bad_images} unreadable image(s) (--on_bad_image skip).")
 
     elapsed = time.time() - start
+    sync_merge_statistics(accelerator, unet)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
@@ -712,6 +701,12 @@ def main(args):
         accelerator.print(f"Done: {global_step} steps in {elapsed:.0f}s. Merged LoRA in {args.output_dir}.")
     accelerator.end_training()
     return exit_code
+
+
+def sync_merge_statistics(accelerator, unet):
+    """Average the 'bi' windows over processes (a collective: every rank calls it)."""
+    if accelerator.num_processes > 1:
+        get_controller(unet).sync_statistics()
 
 
 def resolve_report_to(value):
@@ -743,9 +738,14 @@ def stop_requested(stop, accelerator):
 
 
 def step_generator(seed, step, micro, accelerator):
-    """Noise for an optimizer step depends only on (seed, step, micro-batch, process), so resume is exact."""
+    """Noise for a micro-batch depends only on (seed, step, its index in the global batch).
+
+    So a resumed run draws the same noise, and N processes draw what one process with N-fold gradient
+    accumulation draws for the same examples.
+    """
+    index = micro * accelerator.num_processes + accelerator.process_index
     g = torch.Generator(device=accelerator.device)
-    g.manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 64 + accelerator.process_index)
+    g.manual_seed((seed * 1_000_003 + step) * 4096 + index)
     return g
 
 

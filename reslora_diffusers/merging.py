@@ -180,6 +180,9 @@ def merge_reslora(
         forward_fn: ``forward_fn(model, batch)`` returning the output to compare (default: ``model(**batch)``
             for dicts, ``model(*batch)`` for tuples, else ``model(batch)``).
         svd_rank: compress ``bs`` factors to this rank (reported error); others are left as they are.
+
+    Under DDP, call ``get_controller(model).sync_statistics()`` on every rank first, so that the 'bi'
+    windows are averaged over processes and every rank would merge identically.
     """
     from .config import MERGE_METHODS
 
@@ -208,7 +211,6 @@ def merge_reslora(
                 _run(model, batches, forward_fn)
         finally:
             model.train(was_training)
-    controller.sync_statistics()
 
     bw_norms = {}
     if method == "bw" and structure in ("is", "ms"):

@@ -210,20 +210,12 @@ def test_corrupt_image_fails_clearly_or_is_skipped(tmp_path, capsys):
     assert "Skipped 1 unreadable image(s)" in proc.stdout + proc.stderr
 
 
-def test_sharded_modes_are_refused_and_zero2_accepted():
-    from types import SimpleNamespace
+def test_script_refuses_sharded_modes_before_training(monkeypatch, capsys):
+    """The refusal itself is unit-tested in test_transformers_examples.py; here: the script calls it."""
+    from reslora_diffusers import distributed
 
-    from accelerate.utils import DistributedType
+    def refuse(accelerator):
+        raise distributed.UnsupportedDistributedMode("FSDP is not supported. Supported modes: single process")
 
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
-    with pytest.raises(train.TrainingError, match="Supported: single process"):
-        train.check_parallelism(fsdp, None)
-    zero3 = SimpleNamespace(
-        distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3))
-    )
-    with pytest.raises(train.TrainingError, match="ZeRO-3"):
-        train.check_parallelism(zero3, None)
-    zero2 = SimpleNamespace(
-        distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))
-    )
-    train.check_parallelism(zero2, None)
+    monkeypatch.setattr(train, "check_distributed_mode", refuse)
+    assert "Supported modes" in cli_error(["--report_to", "none"], capsys)
