@@ -274,7 +274,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         try:
             image = open_image(row[self.args.image_column])
         except Exception:
-            return None
+            return {"bad_index": int(index)}
         caption = row[self.args.caption_column]
         if isinstance(caption, (list, tuple, np.ndarray)):
             caption = caption[int(rng.integers(0, len(caption)))]
@@ -289,8 +289,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 
 def collate(examples):
-    good = [e for e in examples if e is not None]
-    batch = {"num_bad": torch.tensor(len(examples) - len(good))}
+    good = [e for e in examples if "bad_index" not in e]
+    batch = {"bad_indices": torch.tensor([e["bad_index"] for e in examples if "bad_index" in e], dtype=torch.long)}
     if good:
         batch["pixel_values"] = torch.stack([e["pixel_values"] for e in good])
         batch["input_ids"] = torch.stack([e["input_ids"] for e in good])
@@ -501,9 +501,10 @@ def main(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     try:
-        check_distributed_mode(accelerator)  # FSDP / ZeRO-3 shard what ResLoRA reads across layers
+        mode = check_distributed_mode(accelerator)  # FSDP / ZeRO-3 shard what ResLoRA reads across layers
     except UnsupportedDistributedMode as err:
         raise TrainingError(str(err)) from err
+    accelerator.print(f"Training mode: {mode}, {accelerator.num_processes} process(es), device {accelerator.device}")
     set_seed(args.seed)
 
     # --- everything that can be wrong with the inputs is checked before any training
@@ -607,7 +608,7 @@ def main(args):
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    bad_images = 0
+    bad_images = set()
     last_checkpoint = None
     exit_code = 0
     unet.train()
@@ -622,7 +623,7 @@ def main(args):
             micro = 0
             accumulated = torch.zeros((), device=accelerator.device)
             for batch in loader:
-                bad_images += int(batch["num_bad"])
+                bad_images.update(batch["bad_indices"].tolist())
                 if "pixel_values" not in batch:
                     continue
                 with accelerator.accumulate(unet):
@@ -677,7 +678,7 @@ def main(args):
             signal.signal(s, h)
         progress.close()
         if bad_images:
-            accelerator.print(f"Skipped {bad_images} unreadable image(s) (--on_bad_image skip).")
+            accelerator.print(f"Skipped {len(bad_images)} unreadable image(s) (--on_bad_image skip): {sorted(bad_images)[:20]}")
 
     elapsed = time.time() - start
     sync_merge_statistics(accelerator, unet)
@@ -689,7 +690,7 @@ def main(args):
         save_training_state(model, args.output_dir, extra=run_info)
         model.eval()
         report = export_run(model, args.output_dir, args.merge, calibration,
-                            extra={"steps": global_step, "train_seconds": round(elapsed, 1), "skipped_images": bad_images})
+                            extra={"steps": global_step, "train_seconds": round(elapsed, 1), "skipped_images": len(bad_images)})
         write_model_card(args.output_dir, {
             "base_model": model_path, "dataset": run_info["dataset"],
             "structure": args.reslora_structure, "pre_num": args.pre_num, "rank": args.rank,
@@ -787,7 +788,7 @@ def build_calibration(args, dataset, vae, text_encoder, noise_scheduler, acceler
         while len(examples) < size and index < len(dataset):
             e = dataset[index]
             index += 1
-            if e is not None:
+            if "bad_index" not in e:
                 examples.append(e)
         if not examples:
             break
