@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""Pretrain the embedded offline tiny SD2-layout base (deterministic, CPU, <= 30 min on 2 cores).
+
+    python scripts/build_tiny_base.py --out reslora_diffusers/assets/tiny-sd2-base --seed 0 \
+        --grid docs/tiny_base_samples.png
+
+1. renders a procedural base domain with PIL (saturated shapes on muted plain/gradient
+   backgrounds, captions "a red circle on the left"), plus generic clutter for the VAE only;
+2. trains the AutoencoderKL (L1 + MSE reconstruction + small KL), sets its scaling_factor from
+   the latent statistics;
+3. trains the UNet with v-prediction on cached latents, conditioned by the frozen, seeded CLIP text
+   encoder (10% caption dropout for classifier-free guidance), with an EMA of its weights;
+4. saves the pipeline in fp16 with ``save_pretrained`` (loads with
+   ``StableDiffusionPipeline.from_pretrained(DIR)``), and optionally writes a labelled sample grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Passive OpenMP waiting: busy-waiting threads collapse throughput when the 2 cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reslora_diffusers.grids import make_grid  # noqa: E402
+from reslora_diffusers.tiny_sd2 import (  # noqa: E402
+    BASE_COLORS,
+    BASE_POSITIONS,
+    BASE_SHAPES,
+    TINY_RESOLUTION,
+    base_caption,
+    base_domain_sample,
+    build_tiny_pipeline,
+    build_tiny_scheduler,
+    write_tiny_tokenizer_files,
+)
+
+GRID_CAPTIONS = [
+    "a red circle on the left",
+    "a blue square on the right",
+    "a yellow star in the middle",
+    "a green triangle at the top",
+    "a purple circle at the bottom",
+    "an orange star on the left",
+]
+
+
+def render_clutter(rng: random.Random, resolution: int = TINY_RESOLUTION):
+    """Generic random content (VAE training only): shapes, outlines, strokes and dots in any colour."""
+    from PIL import Image, ImageDraw
+
+    ss = 4
+    size = resolution * ss
+
+    def color():
+        kind = rng.random()
+        if kind < 0.15:
+            return (rng.randint(0, 40),) * 3
+        if kind < 0.3:
+            return (rng.randint(225, 255),) * 3
+        if kind < 0.55:  # pastel
+            return tuple(rng.randint(170, 255) for _ in range(3))
+        return tuple(rng.randint(0, 255) for _ in range(3))
+
+    img = Image.new("RGB", (size, size), color())
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(1, 5)):
+        kind = rng.random()
+        x, y = rng.uniform(0, size), rng.uniform(0, size)
+        r = rng.uniform(0.05, 0.3) * size
+        outline = (rng.randint(0, 30),) * 3 if rng.random() < 0.5 else None
+        width = rng.randint(1, 4) * ss if outline else 0
+        if kind < 0.4:
+            rx, ry = r, r * rng.uniform(0.5, 1.5)
+            draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=color(), outline=outline, width=width)
+        elif kind < 0.75:
+            n = rng.randint(3, 7)
+            pts = [(x + r * math.cos(2 * math.pi * k / n + rng.uniform(-0.3, 0.3)),
+                    y + r * math.sin(2 * math.pi * k / n + rng.uniform(-0.3, 0.3))) for k in range(n)]
+            draw.polygon(pts, fill=color(), outline=outline, width=max(width, 1))
+        else:
+            pts = [(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(rng.randint(2, 4))]
+            draw.line(pts, fill=color(), width=rng.randint(1, 5) * ss, joint="curve")
+    return img.resize((resolution, resolution), Image.LANCZOS)
+
+
+def to_tensor(images) -> torch.Tensor:
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+
+
+def as_input(x_uint8: torch.Tensor) -> torch.Tensor:
+    return x_uint8.float() / 127.5 - 1.0
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def sample_grid(pipe, captions=GRID_CAPTIONS, seeds=(0, 1, 2, 3, 4), steps: int = 20, guidance: float = 5.0):
+    rows = []
+    for cap in captions:
+        row = []
+        for s in seeds:
+            g = torch.Generator().manual_seed(s)
+            row.append(pipe(cap, num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                            height=TINY_RESOLUTION, width=TINY_RESOLUTION).images[0])
+        rows.append(row)
+    return make_grid(rows, captions, [f"seed {s}" for s in seeds])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-images", type=int, default=6000, help="base-domain training images")
+    ap.add_argument("--num-clutter", type=int, default=3000, help="extra generic images for the VAE")
+    ap.add_argument("--vae-steps", type=int, default=400)
+    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--kl-weight", type=float, default=1e-5)
+    ap.add_argument("--unet-steps", type=int, default=1500)
+    ap.add_argument("--unet-batch", type=int, default=32)
+    ap.add_argument("--unet-lr", type=float, default=1e-3)
+    ap.add_argument("--ema-decay", type=float, default=0.999)
+    ap.add_argument("--cond-dropout", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the cores are shared)")
+    ap.add_argument("--fp32", action="store_true", help="store fp32 weights instead of fp16")
+    ap.add_argument("--grid", default=None, help="also write a labelled sample grid PNG here")
+    ap.add_argument("--grid-only", action="store_true", help="only write the grid from an existing --out")
+    ap.add_argument("--guidance", type=float, default=5.0, help="guidance scale for the grid")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    t_start = time.time()
+
+    from diffusers import StableDiffusionPipeline
+
+    if args.grid_only:
+        pipe = StableDiffusionPipeline.from_pretrained(args.out, local_files_only=True).to(torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        sample_grid(pipe, guidance=args.guidance).save(args.grid)
+        print(f"wrote {args.grid} in {time.time() - t_start:.1f}s")
+        return
+
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    # ---- data --------------------------------------------------------------------------------
+    t0 = time.time()
+    pairs = [base_domain_sample(i, args.seed) for i in range(args.num_images)]
+    base_x = to_tensor([p[0] for p in pairs])
+    captions = [p[1] for p in pairs]
+    crng = random.Random(f"clutter-{args.seed}")
+    clutter_x = to_tensor([render_clutter(crng) for _ in range(args.num_clutter)])
+    vae_x = torch.cat([base_x, clutter_x])
+    print(f"rendered {len(base_x)} base + {len(clutter_x)} clutter images in {time.time() - t0:.1f}s", flush=True)
+
+    pipe = build_tiny_pipeline(args.seed)
+    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+
+    # ---- VAE ---------------------------------------------------------------------------------
+    # Start with a small posterior std (logvar bias -6): with a unit std the decoder only sees noise
+    # at first and, in a short run, learns nothing but a blurry blob (tried: 150 steps gave that).
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels:] -= 6.0
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=1e-4)
+    vae_hist = []
+    bar = tqdm(range(args.vae_steps), desc="vae", mininterval=2.0)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=20)
+        idx = torch.randint(len(vae_x), (args.vae_batch,), generator=gen)
+        x = as_input(vae_x[idx])
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        kl = post.kl().mean()
+        loss = rec_loss + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        vae_hist.append((rec_loss.item(), kl.item()))
+        if step % 10 == 0:
+            bar.set_postfix(rec=f"{np.mean([h[0] for h in vae_hist[-50:]]):.4f}", kl=f"{kl.item():.0f}")
+    bar.close()
+    vae_rec = float(np.mean([h[0] for h in vae_hist[-50:]]))
+    vae_kl = float(np.mean([h[1] for h in vae_hist[-50:]]))
+    vae.eval().requires_grad_(False)
+
+    # ---- cache latents and text embeddings ----------------------------------------------------
+    t0 = time.time()
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(base_x), 256):
+            post = vae.encode(as_input(base_x[i:i + 256])).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+    lat_mean, lat_std = torch.cat(means), torch.cat(stds)
+    scaling = float(1.0 / torch.sqrt(lat_mean.var() + (lat_std**2).mean()))
+    vae.register_to_config(scaling_factor=scaling)
+    with torch.no_grad():
+        probe = vae.decode(lat_mean[:256]).sample
+        base_rec_l1 = float((probe - as_input(base_x[:256])).abs().mean())
+
+    uniq = sorted(set(captions)) + [""]
+    with torch.no_grad():
+        ids = tokenizer(uniq, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        emb = text_encoder(ids)[0]
+    cap_index = torch.tensor([uniq.index(c) for c in captions])
+    empty_index = len(uniq) - 1
+    print(f"cached latents/embeddings in {time.time() - t0:.1f}s; scaling_factor={scaling:.4f}; "
+          f"base-domain reconstruction L1 (of [-1,1]) {base_rec_l1:.4f}; {len(uniq) - 1} captions", flush=True)
+
+    # ---- UNet ----------------------------------------------------------------------------------
+    noise_sched = build_tiny_scheduler("ddpm")
+    unet.train()
+    ema = [p.detach().clone() for p in unet.parameters()]
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
+    unet_hist = []
+    bar = tqdm(range(args.unet_steps), desc="unet", mininterval=2.0)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.unet_steps, args.unet_lr, warmup=100)
+        idx = torch.randint(len(base_x), (args.unet_batch,), generator=gen)
+        lat = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.unet_batch,), generator=gen)
+        noisy = noise_sched.add_noise(lat, noise, t)
+        target = noise_sched.get_velocity(lat, noise, t)
+        ci = cap_index[idx].clone()
+        ci[torch.rand(args.unet_batch, generator=gen) < args.cond_dropout] = empty_index
+        pred = unet(noisy, t, emb[ci]).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, unet.parameters()):
+                e.lerp_(p.detach(), 1 - decay)
+        unet_hist.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(unet_hist[-100:]):.4f}")
+    bar.close()
+    unet_loss = float(np.mean(unet_hist[-100:]))
+    with torch.no_grad():
+        for e, p in zip(ema, unet.parameters()):
+            p.copy_(e)
+    unet.eval().requires_grad_(False)
+
+    # ---- save ----------------------------------------------------------------------------------
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.scheduler = build_tiny_scheduler("ddim")
+    save_dtype = torch.float32 if args.fp32 else torch.float16
+    pipe.to(save_dtype).save_pretrained(str(out), safe_serialization=True)
+    write_tiny_tokenizer_files(out / "tokenizer")  # the human-readable BPE files next to tokenizer.json
+    pipe.to(torch.float32)
+
+    total = time.time() - t_start
+    size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+    print(f"final VAE loss: reconstruction (L1+MSE) {vae_rec:.4f}, KL {vae_kl:.1f}")
+    print(f"final UNet loss (v-prediction MSE, mean of last 100 steps): {unet_loss:.4f}")
+    print(f"saved {out} ({size_mb:.1f} MB) ; total time {total:.1f}s ({total / 60:.1f} min)", flush=True)
+
+    if args.grid:
+        t0 = time.time()
+        pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True).to(torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        sample_grid(pipe, guidance=args.guidance).save(args.grid)
+        print(f"wrote {args.grid} in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
