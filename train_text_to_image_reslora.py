@@ -90,7 +90,9 @@ def parse_args(input_args=None):
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank (scale 1), as diffusers.")
     g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--merge", default="bi", help=f"Merge for is/ms: {', '.join(MERGE_METHODS)} (bs is exact).")
+    g.add_argument("--merge", default="ls",
+                   help=f"Merge for is/ms: {', '.join(MERGE_METHODS)} (bs is exact). ls fits on calibration inputs; "
+                   "bi/bw are the paper's.")
     g.add_argument("--merge_window", type=int, default=50, help="Window of activation norms for the bi merge.")
     g.add_argument("--calibration_batches", type=int, default=4,
                    help="Fixed batches kept to fit the ls merge (half) and measure merge error (half).")
@@ -391,9 +393,11 @@ class Sampler:
         self.samples_dir = Path(args.output_dir) / "samples"
 
     def _autocast(self):
-        if self.accelerator.device.type == "cpu" or self.accelerator.mixed_precision == "no":
-            return contextlib.nullcontext()  # CPU autocast runs bf16 and is far slower
-        return torch.autocast(self.accelerator.device.type)
+        precision = self.accelerator.mixed_precision
+        if precision == "no":  # fp32 weights: no autocast (on CPU it would switch to slow bf16)
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.accelerator.device.type, dtype=dtype)  # fp32 LoRA beside 16-bit weights
 
     def generate(self):
         rows = []

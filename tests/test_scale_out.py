@@ -21,6 +21,7 @@ SCRIPT = ROOT / "train_text_to_image_reslora.py"
 
 def launch(num_processes, args, timeout=900):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env["ACCELERATE_USE_CPU"] = "true"  # without it, torchrun workers on a machine without GPUs each train alone
     # `--cpu` always takes accelerate's single-process launcher; `--multi_gpu` on a machine without GPUs
     # starts torchrun workers that train as MULTI_CPU (gloo).
     mode = ["--multi_gpu", "--main_process_port", "29517"] if num_processes > 1 else ["--cpu"]
