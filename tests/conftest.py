@@ -7,4 +7,5 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models: one thread is as fast, and two threads spin-wait badly when another process is busy.
+torch.set_num_threads(1)
