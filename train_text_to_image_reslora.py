@@ -704,6 +704,7 @@ def main(args):
             "example_prompt": sampler_obj.prompts[0],
         })
         accelerator.print(f"Done: {global_step} steps in {elapsed:.0f}s. Merged LoRA in {args.output_dir}.")
+    accelerator.wait_for_everyone()  # the other ranks wait for the export, then all leave together
     accelerator.end_training()
     return exit_code
 
@@ -816,6 +817,9 @@ def cli(argv=None):
     except TrainingError as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
+    finally:  # a process group left to the interpreter's exit can hang once a peer is gone
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
