@@ -490,7 +490,6 @@ def save_checkpoint(accelerator, args, step):
 # ----------------------------------------------------------------------------------------- main
 def main(args):
     from accelerate import Accelerator
-    from accelerate.logging import get_logger  # noqa: F401  (accelerate's logging setup)
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr

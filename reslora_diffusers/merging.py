@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .layer import ResLoRAVariant
-from .model import ResLoRAController, calibration, get_controller
+from .model import calibration, get_controller
 
 
 @dataclass

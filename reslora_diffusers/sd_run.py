@@ -146,13 +146,3 @@ def write_model_card(output_dir: str, info: dict):
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def pick_device_dtype(unet) -> tuple[torch.device, torch.dtype]:
-    p = next(unet.parameters())
-    return p.device, p.dtype

@@ -38,11 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reslora_diffusers.grids import make_grid  # noqa: E402
 from reslora_diffusers.tiny_sd2 import (  # noqa: E402
-    BASE_COLORS,
-    BASE_POSITIONS,
-    BASE_SHAPES,
     TINY_RESOLUTION,
-    base_caption,
     base_domain_sample,
     build_tiny_pipeline,
     build_tiny_scheduler,

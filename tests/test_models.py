@@ -1,12 +1,11 @@
 """One battery of checks on tiny models x structures (UNet, LLaMA, RoBERTa, nn.Sequential)."""
 
-import copy
 import functools
 
 import pytest
 import torch
 import torch.utils.checkpoint
-from peft import LoraConfig, PeftModel, inject_adapter_in_model
+from peft import LoraConfig, inject_adapter_in_model
 
 from reslora_diffusers import (
     ResLoRAConfig,
@@ -15,7 +14,6 @@ from reslora_diffusers import (
     load_training_state,
     merge_reslora,
     merged_view,
-    save_merged_lora,
     save_training_state,
 )
 from tiny_models import CASES, randomize_lora, unet_batch
