@@ -2,6 +2,7 @@
 
 - the ResLoRA and training command-line flags;
 - the start-up refusal of distributed modes ResLoRA does not support (FSDP, DeepSpeed ZeRO-3, ...);
+- evaluation of the unmerged model during training (step 0, every ``--eval_steps`` steps, epoch ends);
 - merging with a report, comparing logits, and the one-line JSON summary the tests parse.
 """
 
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -22,7 +24,7 @@ try:  # the examples run from a checkout without installing the package
 except ImportError:  # pragma: no cover - depends on how the example is started
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reslora_diffusers import MERGE_METHODS, STRUCTURES, ResLoRAConfig, merge_reslora  # noqa: E402
+from reslora_diffusers import MERGE_METHODS, STRUCTURES, ResLoRAConfig, get_controller, merge_reslora  # noqa: E402
 from reslora_diffusers.distributed import UnsupportedDistributedMode, check_distributed_mode  # noqa: E402,F401
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -43,6 +45,13 @@ def add_reslora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("training")
     group.add_argument("--learning_rate", type=float, default=5e-4)
@@ -58,6 +67,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--num_warmup_steps", type=int, default=0)
     group.add_argument("--max_grad_norm", type=float, default=1.0)
     group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--eval_steps", type=_positive_int, default=None,
+                       help="Also evaluate the unmerged model every N optimizer steps. Step 0 and the end of each "
+                            "epoch are always evaluated; the summary's 'eval_history' lists {step, metric}.")
     group.add_argument("--output_dir", default=None, help="Where the merged adapter, state and summary go.")
     group.add_argument("--no_progress_bar", action="store_true", help="Disable the tqdm progress bar.")
     return parser
@@ -85,13 +97,48 @@ def training_steps(num_batches: int, args) -> tuple[int, int]:
     return args.max_train_steps, max(1, math.ceil(args.max_train_steps / per_epoch))
 
 
+class EvalHistory:
+    """Evaluations of the unmerged model during training, one per distinct optimizer step.
+
+    ``evaluate()`` returns the example's metrics (any object); ``metric(result)`` picks the number that
+    goes into ``history`` as ``{"step": s, "metric": value}``. ``at(step)`` evaluates unless that step was
+    already evaluated (then it returns the earlier result: the model has not changed); ``maybe(step)``
+    evaluates only every ``eval_steps`` steps (never when ``eval_steps`` is None). In a distributed run
+    every process must make the same calls, since evaluation gathers over processes.
+    """
+
+    def __init__(self, evaluate: Callable[[], Any], metric: Callable[[Any], float], eval_steps: Optional[int] = None):
+        self._evaluate, self._metric, self.eval_steps = evaluate, metric, eval_steps
+        self.history: list[dict] = []
+        self.seconds = 0.0  # wall time spent evaluating
+        self._last_step, self._last = None, None
+
+    def at(self, step: int):
+        if step != self._last_step:
+            t0 = time.perf_counter()
+            self._last, self._last_step = self._evaluate(), step
+            self.seconds += time.perf_counter() - t0
+            self.history.append({"step": step, "metric": float(self._metric(self._last))})
+        return self._last
+
+    def maybe(self, step: int):
+        if self.eval_steps and step % self.eval_steps == 0:
+            return self.at(step)
+        return None
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 # -------------------------------------------------------------------------------------- merge
 def merge_with_report(model, args, calibration_batches: list, forward_fn: Callable):
-    """Merge ResLoRA into plain LoRA factors; the report always holds the calibration error."""
+    """Merge ResLoRA into plain LoRA factors; the report always holds the calibration error.
+
+    A collective under DDP: every rank calls it, and the 'bi' windows are averaged over the ranks first,
+    so every rank merges alike.
+    """
+    get_controller(model).sync_statistics()
     result = merge_reslora(model, method=args.merge, calibration_batches=calibration_batches, forward_fn=forward_fn)
     calib = result.report.get("calibration", {})
     error = {

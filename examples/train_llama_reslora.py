@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    EvalHistory,
     add_reslora_args,
     add_training_args,
     check_distributed_mode,
@@ -62,7 +63,12 @@ from _common import (  # noqa: E402
     training_steps,
 )
 
-from reslora_diffusers import inject_reslora, merged_view, save_merged_lora, save_training_state  # noqa: E402
+from reslora_diffusers import (  # noqa: E402
+    inject_reslora,
+    merged_view,
+    save_merged_lora,
+    save_training_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -396,20 +402,24 @@ def main(argv=None, return_state: bool = False):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     max_steps, num_epochs = training_steps(math.ceil(len(train_loader) / accelerator.num_processes), args)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
+    # the prepared scheduler steps num_processes times per optimizer step: scale warmup and total alike
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                              num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
                               num_training_steps=max_steps * accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     logger.info("ResLoRA %s (pre_num=%d, r=%d) on %s: %d trainable parameters, %d steps", args.structure,
                 args.pre_num, args.rank, args.target_modules, sum(p.numel() for p in trainable), max_steps)
 
-    acc_base = evaluate(unwrapped, tokenizer, eval_examples, accelerator, args)  # B = 0: the base model
+    evals = EvalHistory(lambda: evaluate(unwrapped, tokenizer, eval_examples, accelerator, args), float, args.eval_steps)
+    acc_base = evals.at(0)  # B = 0: the base model
     accelerator.print(f"before fine-tuning: exact match {acc_base:.4f}")
 
     # ---- training
     progress = tqdm(range(max_steps), disable=not accelerator.is_local_main_process or args.no_progress_bar,
                     desc=f"ResLoRA-{args.structure}")
     history, step, acc_unmerged = [], 0, acc_base
+    t_loop, eval_seconds_before = time.perf_counter(), evals.seconds
     model.train()
     for epoch in range(num_epochs):
         for batch in train_loader:
@@ -425,14 +435,16 @@ def main(argv=None, return_state: bool = False):
                 step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}")
+                evals.maybe(step)
             if step >= max_steps:
                 break
-        acc_unmerged = evaluate(unwrapped, tokenizer, eval_examples, accelerator, args)
+        acc_unmerged = evals.at(step)
         history.append({"epoch": epoch, "step": step, "exact_match": acc_unmerged})
         accelerator.print(f"epoch {epoch} step {step}: exact match {acc_unmerged:.4f}")
         if step >= max_steps:
             break
     progress.close()
+    train_seconds = time.perf_counter() - t_loop - (evals.seconds - eval_seconds_before)
 
     # ---- merge into plain LoRA and evaluate the merged model
     calib = [to_device(b, accelerator.device) for b in calibration_batches]
@@ -480,6 +492,8 @@ def main(argv=None, return_state: bool = False):
         "max_abs_logit_diff_stock_vs_merged": max_abs_diff(logits_stock, logits_merged),
         "max_abs_logit_diff_stock_vs_unmerged": max_abs_diff(logits_stock, logits_unmerged),
         "history": history,
+        "eval_history": evals.history,
+        "train_seconds": round(train_seconds, 3),
         "adapter_dir": adapter_dir,
         "base_model": base_path,
         "seconds": round(time.time() - t_start, 2),

@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    EvalHistory,
     add_reslora_args,
     add_training_args,
     check_distributed_mode,
@@ -348,7 +349,9 @@ def main(argv=None, return_state: bool = False):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     max_steps, num_epochs = training_steps(math.ceil(len(train_loader) / accelerator.num_processes), args)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
+    # the prepared scheduler steps num_processes times per optimizer step: scale warmup and total alike
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                              num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
                               num_training_steps=max_steps * accelerator.num_processes)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
@@ -357,13 +360,16 @@ def main(argv=None, return_state: bool = False):
     logger.info("ResLoRA %s (pre_num=%d, r=%d) on %s: %d trainable parameters, %d steps",
                 args.structure, args.pre_num, args.rank, args.target_modules, n_trainable, max_steps)
 
-    metrics_base = evaluate(model, eval_loader, accelerator, task, is_regression)  # B = 0: the base + its head
+    evals = EvalHistory(lambda: evaluate(model, eval_loader, accelerator, task, is_regression),
+                        lambda m: m["accuracy"], args.eval_steps)
+    metrics_base = evals.at(0)  # B = 0: the base + its head
     logger.info("before fine-tuning: %s", metrics_base)
 
     # ---- training
     progress = tqdm(range(max_steps), disable=not accelerator.is_local_main_process or args.no_progress_bar,
                     desc=f"ResLoRA-{args.structure}")
     history, step, epoch_metrics = [], 0, metrics_base
+    t_loop, eval_seconds_before = time.perf_counter(), evals.seconds
     model.train()
     for epoch in range(num_epochs):
         for batch in train_loader:
@@ -379,14 +385,16 @@ def main(argv=None, return_state: bool = False):
                 step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}")
+                evals.maybe(step)
             if step >= max_steps:
                 break
-        epoch_metrics = evaluate(model, eval_loader, accelerator, task, is_regression)
+        epoch_metrics = evals.at(step)
         history.append({"epoch": epoch, "step": step, **epoch_metrics})
         accelerator.print(f"epoch {epoch} step {step}: {json.dumps(epoch_metrics)}")
         if step >= max_steps:
             break
     progress.close()
+    train_seconds = time.perf_counter() - t_loop - (evals.seconds - eval_seconds_before)
 
     # ---- merge into plain LoRA and evaluate the merged model
     unwrapped = accelerator.unwrap_model(model)
@@ -437,6 +445,8 @@ def main(argv=None, return_state: bool = False):
         "max_abs_logit_diff_stock_vs_merged": max_abs_diff(logits_stock, logits_merged),
         "max_abs_logit_diff_stock_vs_unmerged": max_abs_diff(logits_stock, logits_unmerged),
         "history": history,
+        "eval_history": evals.history,
+        "train_seconds": round(train_seconds, 3),
         "adapter_dir": adapter_dir,
         "base_model": base_path,
         "seconds": round(time.time() - t_start, 2),
