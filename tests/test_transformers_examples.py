@@ -125,6 +125,22 @@ def test_example_exports_a_plain_lora_that_stock_peft_reproduces(name, structure
         assert any(float((s - b).abs().max()) > 1e-6 for s, b in zip(stock_out, base_out))
 
 
+@pytest.mark.parametrize("name", ["roberta", "llama"])
+def test_eval_steps_records_metric_vs_step(name, tmp_path, base_dirs, one_thread):
+    """--eval_steps 2 over 3 steps: step 0 (before fine-tuning), step 2, and the final step 3 (epoch end)."""
+    argv = TINY[name] + ["--structure", "is", "--eval_steps", "2", "--output_dir", str(tmp_path / "out"),
+                         "--offline_base_dir", base_dirs[name], "--rank", "2", "--lora_alpha", "4"]
+    summary = SCRIPTS[name].main(argv)
+    history = summary["eval_history"]
+    assert [h["step"] for h in history] == [0, 2, 3]
+    assert history[0]["metric"] == summary["accuracy_before_finetuning"]
+    assert history[-1]["metric"] == summary["accuracy_before_merge"]
+    assert all(0.0 <= h["metric"] <= 1.0 for h in history)
+    assert summary["train_seconds"] > 0.0
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk["eval_history"] == history
+
+
 @pytest.mark.parametrize("name,script", [("roberta", "train_roberta_glue_reslora.py"), ("llama", "train_llama_reslora.py")])
 def test_command_line_prints_a_json_summary(name, script, tmp_path, base_dirs):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
