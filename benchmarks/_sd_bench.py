@@ -252,14 +252,22 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     curve = []
+    merges = {}  # step -> merge result: the final step's merge serves its samples and the final numbers
     train_seconds = 0.0
+
+    def merged_at(step):
+        if step not in merges:
+            merges.clear()
+            merges[step] = ctx.merge(unet, arm, merge)
+        return merges[step]
+
     window = torch.zeros(())
     window_count = 0
 
     def evaluate(step, train_loss):
         row = {"step": step, "train_loss": train_loss, "held_out_loss": ctx.held_out_loss(unet), "style_score": None}
         if sample_every and step % sample_every == 0:
-            result = ctx.merge(unet, arm, merge)
+            result = merged_at(step)
             with ctx.merged(unet, result):
                 images = ctx.samples(unet, steps=sample_inference_steps)
             row["style_score"] = style_of(images)
@@ -294,7 +302,7 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
 
     final = {"held_out_loss": curve[-1]["held_out_loss"], "train_seconds_per_step": train_seconds / max(1, steps)}
     if math.isfinite(final["held_out_loss"]):
-        result = ctx.merge(unet, arm, merge)
+        result = merged_at(curve[-1]["step"])
         with ctx.merged(unet, result):
             final["held_out_loss_merged"] = ctx.held_out_loss(unet)
         final["merge_relative_error"] = ctx.merge_error(unet, result)["relative_output_error"] if result else 0.0
