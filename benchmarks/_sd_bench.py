@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from reslora_diffusers import ResLoRAConfig, inject_reslora, merge_reslora, merged_view  # noqa: E402
 from reslora_diffusers.merging import merge_error  # noqa: E402
 from reslora_diffusers.pokemon_style import pokemon_style_sample  # noqa: E402
-from reslora_diffusers.sd_run import TARGET_MODULES, unet_forward  # noqa: E402
+from reslora_diffusers.sd_run import TARGET_MODULES, step_dir_name, unet_forward  # noqa: E402
 from reslora_diffusers.style_score import style_scores  # noqa: E402
 
 SAMPLE_PROMPTS = [  # the training script's default sample prompts
@@ -272,7 +272,7 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
                 images = ctx.samples(unet, steps=sample_inference_steps)
             row["style_score"] = style_of(images)
             if run_dir is not None:
-                save_samples(images, run_dir / "samples" / f"step-{step:06d}")
+                save_samples(images, run_dir / "samples" / step_dir_name(step))
         curve.append(row)
 
     unet.train()

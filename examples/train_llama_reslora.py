@@ -63,12 +63,7 @@ from _common import (  # noqa: E402
     training_steps,
 )
 
-from reslora_diffusers import (  # noqa: E402
-    inject_reslora,
-    merged_view,
-    save_merged_lora,
-    save_training_state,
-)
+from reslora_diffusers import inject_reslora, merged_view, save_merged_lora, save_training_state  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
