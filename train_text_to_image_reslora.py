@@ -30,7 +30,14 @@ import torch.nn.functional as F
 
 from reslora_diffusers import ResLoRAConfig, get_controller, inject_reslora, merged_view
 from reslora_diffusers.config import MERGE_METHODS, STRUCTURES
-from reslora_diffusers.distributed import UnsupportedDistributedMode, check_distributed_mode
+from reslora_diffusers.distributed import (
+    UnsupportedDistributedMode,
+    check_deepspeed_config,
+    check_distributed_mode,
+    load_state_kwargs,
+    process_group_kwargs,
+    save_state_kwargs,
+)
 from reslora_diffusers.export import STATE_CONFIG_NAME, load_training_state, save_training_state
 from reslora_diffusers.sd_run import (
     TARGET_MODULES,
@@ -476,7 +483,7 @@ def save_checkpoint(accelerator, args, step):
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), **save_state_kwargs(accelerator))  # DeepSpeed: without the frozen base
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -502,9 +509,11 @@ def main(args):
         mixed_precision=args.mixed_precision,
         log_with=None if report_to == "none" else report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        kwargs_handlers=process_group_kwargs(),  # gloo for DeepSpeed on a machine without CUDA
     )
     try:
         mode = check_distributed_mode(accelerator)  # FSDP / ZeRO-3 shard what ResLoRA reads across layers
+        check_deepspeed_config(accelerator, args.gradient_accumulation_steps, args.max_grad_norm)
     except UnsupportedDistributedMode as err:
         raise TrainingError(str(err)) from err
     accelerator.print(f"Training mode: {mode}, {accelerator.num_processes} process(es), device {accelerator.device}")
@@ -592,7 +601,7 @@ def main(args):
             accelerator.print(f"No checkpoint to resume from in {args.output_dir}; starting a new run.")
         else:
             accelerator.print(f"Resuming from {path}")
-            accelerator.load_state(str(path))
+            accelerator.load_state(str(path), **load_state_kwargs(accelerator))
             global_step = int(path.name.split("-")[1])
             first_epoch = global_step // updates_per_epoch
             resume_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps

@@ -25,7 +25,12 @@ except ImportError:  # pragma: no cover - depends on how the example is started
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reslora_diffusers import MERGE_METHODS, STRUCTURES, ResLoRAConfig, get_controller, merge_reslora  # noqa: E402
-from reslora_diffusers.distributed import UnsupportedDistributedMode, check_distributed_mode  # noqa: E402,F401
+from reslora_diffusers.distributed import (  # noqa: E402,F401
+    UnsupportedDistributedMode,
+    check_deepspeed_config,
+    check_distributed_mode,
+    process_group_kwargs,
+)
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_reslora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -5,6 +5,25 @@ from __future__ import annotations
 SUPPORTED_MODES = "single process, multi-GPU (or multi-CPU) DDP, or DeepSpeed ZeRO stage 1/2"
 
 
+def process_group_kwargs() -> list:
+    """Accelerate ``kwargs_handlers`` that let DeepSpeed run on a machine without CUDA (gloo).
+
+    ``accelerate launch`` with a DeepSpeed config on a CPU-only machine leaves accelerate without a
+    backend: it then counts 1 process while DeepSpeed sees the real world size, and DeepSpeed's
+    batch-size check fails. Naming gloo fixes both. On CUDA (or when DeepSpeed is not used) this
+    returns nothing and accelerate picks its backend as usual.
+    """
+    import os
+
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(backend="gloo")]
+
+
 class UnsupportedDistributedMode(RuntimeError):
     """Raised at start-up for a distributed mode that ResLoRA cannot train in."""
 
@@ -41,3 +60,47 @@ def check_distributed_mode(accelerator) -> str:
            "and activations)" if name == "FSDP" else "")
         + f". Supported modes: {SUPPORTED_MODES}. Relaunch with `accelerate launch` configured for one of them."
     )
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def check_deepspeed_config(accelerator, gradient_accumulation_steps: int, max_grad_norm: float | None) -> None:
+    """Refuse a DeepSpeed config whose accumulation or clipping disagree with the script's flags.
+
+    Under DeepSpeed, accelerate takes both from the DeepSpeed config: a different accumulation only
+    logs a warning (and the script's step count and schedule would be off), and clipping is done by
+    DeepSpeed with the config's ``gradient_clipping`` ("auto" means 1.0), not with ``--max_grad_norm``.
+    """
+    if not is_deepspeed(accelerator):
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    problems = []
+    accumulation = config.get("gradient_accumulation_steps", "auto")
+    if accumulation != "auto" and int(accumulation) != gradient_accumulation_steps:
+        problems.append(f"the DeepSpeed config has gradient_accumulation_steps {accumulation} but "
+                        f"--gradient_accumulation_steps is {gradient_accumulation_steps}")
+    clipping = config.get("gradient_clipping", "auto")
+    clipping = 1.0 if clipping == "auto" else float(clipping)
+    wanted = float(max_grad_norm or 0.0)
+    if abs(clipping - wanted) > 1e-12 * max(1.0, wanted):
+        problems.append(f"the DeepSpeed config clips gradients at {clipping:g} but --max_grad_norm is {wanted:g}")
+    if problems:
+        raise UnsupportedDistributedMode(
+            "DeepSpeed settings disagree with the command line: " + "; ".join(problems) + ". Make them equal "
+            "(`accelerate config`, or gradient_accumulation_steps / gradient_clipping in the DeepSpeed config)."
+        )
+
+
+def save_state_kwargs(accelerator) -> dict:
+    """Extra ``accelerator.save_state`` arguments: DeepSpeed checkpoints skip the frozen base weights."""
+    return {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}
+
+
+def load_state_kwargs(accelerator) -> dict:
+    """Extra ``accelerator.load_state`` arguments matching :func:`save_state_kwargs`."""
+    return {"load_module_strict": False} if is_deepspeed(accelerator) else {}
+

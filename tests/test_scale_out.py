@@ -7,6 +7,7 @@ LLaMA example. The 'bi' merge statistics are averaged over ranks by ``sync_stati
 with two real gloo processes fed different data.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -30,20 +31,44 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def launch(num_processes, args, timeout=900, script=SCRIPT):
+def launch(num_processes, args, timeout=900, script=SCRIPT, deepspeed_config=None, returncode=0):
     env = dict(os.environ, **ENV)
-    env["ACCELERATE_USE_CPU"] = "true"  # without it, torchrun workers on a machine without GPUs each train alone
-    # `--cpu` always takes accelerate's single-process launcher; `--multi_gpu` on a machine without GPUs
-    # starts torchrun workers that train as MULTI_CPU (gloo).
-    mode = ["--multi_gpu", "--main_process_port", str(free_port())] if num_processes > 1 else ["--cpu"]
+    if deepspeed_config is not None:  # DeepSpeed's own CPU accelerator; ACCELERATE_USE_CPU would turn it into DDP
+        env.pop("ACCELERATE_USE_CPU", None)
+        mode = ["--config_file", str(deepspeed_config), "--main_process_port", str(free_port())]
+    else:
+        env["ACCELERATE_USE_CPU"] = "true"  # without it, torchrun workers on a machine without GPUs each train alone
+        # `--cpu` always takes accelerate's single-process launcher; `--multi_gpu` on a machine without GPUs
+        # starts torchrun workers that train as MULTI_CPU (gloo).
+        mode = ["--multi_gpu", "--main_process_port", str(free_port())] if num_processes > 1 else ["--cpu"]
     precision = [] if "--mixed_precision" in args else ["--mixed_precision", "no"]
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(num_processes),
         "--num_machines", "1", "--dynamo_backend", "no", *precision, str(script), *args,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == returncode, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def write_deepspeed_config(path, zero_stage):
+    """The shipped CPU DeepSpeed config (2 processes, fp32), with the given ZeRO stage."""
+    text = (ROOT / "examples" / "accelerate_configs" / "deepspeed_zero2_cpu.yaml").read_text()
+    assert "  zero_stage: 2\n" in text
+    path.write_text(text.replace("  zero_stage: 2\n", f"  zero_stage: {zero_stage}\n"))
+    return path
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+
+
+def assert_same_lora(a_path, b_path):
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    lora = [k for k in a if k.endswith(("lora_A", "lora_B"))]
+    assert lora and set(a) == set(b)
+    assert max(a[k].abs().max() for k in lora if k.endswith("lora_B")) > 0  # training moved B off its zero init
+    for key in lora:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
 
 
 COMMON = ["--max_train_steps", "3", "--pokemon_style_size", "12", "--sample_steps", "3", "--checkpointing_steps", "100",
@@ -81,6 +106,31 @@ def test_bf16_on_cpu_keeps_lora_and_statistics_in_fp32(tmp_path):
     assert {v.dtype for v in state.values()} == {torch.float32}
     assert any(k.endswith("norm_window") for k in state)
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("zero_stage,structure", [(1, "bs"), (2, "ms")])
+def test_deepspeed_zero_equals_one_process_and_resumes(zero_stage, structure, tmp_path):
+    """DeepSpeed ZeRO-1/2 on 2 CPU processes (gloo), interrupted after step 2 and resumed, ends where one
+    process with accumulation 2 ends after 3 steps. ZeRO-1/2 partition optimizer state (and, for 2,
+    gradients) but not parameters, so ResLoRA's cross-layer reads see full weights."""
+    args = [*COMMON, "--reslora_structure", structure, "--pre_num", "2", "--checkpointing_steps", "2"]
+    one, ds = tmp_path / "one", tmp_path / "ds"
+    config = write_deepspeed_config(tmp_path / "zero.yaml", zero_stage)
+    launch(1, ["--output_dir", str(one), "--train_batch_size", "2", "--gradient_accumulation_steps", "2", *args])
+    run = ["--output_dir", str(ds), "--train_batch_size", "2", *args]
+    first = launch(2, [*run, "--simulate_interrupt_at_step", "2"], deepspeed_config=config, returncode=1)
+    assert f"DeepSpeed ZeRO-{zero_stage}, 2 process(es)" in first.stdout + first.stderr  # really DeepSpeed, 2 ranks
+    checkpoint = ds / "checkpoint-2"
+    assert checkpoint.is_dir() and not list(ds.glob(".checkpoint-*"))
+    # the DeepSpeed part of the checkpoint holds the LoRA state, not the frozen UNet
+    base_bytes = sum(f.stat().st_size for f in (ROOT / "reslora_diffusers" / "assets" / "tiny-sd2-base" / "unet").glob("*"))
+    module_files = list(checkpoint.rglob("*model_states.pt"))
+    assert module_files and max(f.stat().st_size for f in module_files) < base_bytes / 4
+    launch(2, [*run, "--resume_from_checkpoint", "latest"], deepspeed_config=config)
+    assert_same_lora(one / "reslora_training_state.safetensors", ds / "reslora_training_state.safetensors")
+    assert (ds / "pytorch_lora_weights.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------ LLaMA example
@@ -147,6 +197,29 @@ def test_llama_two_processes_equal_one_process_with_accumulation(structure, tmp_
     # the exported plain LoRA: for is/ms it uses the 'bi' windows, averaged over the ranks before merging
     adapter = "merged_adapter/adapter_model.safetensors"
     a, b = load_file(str(one / adapter)), load_file(str(two / adapter))
+    assert a and set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_llama_deepspeed_zero2_equals_one_process_with_accumulation(tmp_path, llama_base):
+    """The paper's LLaMA setup (DeepSpeed ZeRO-2), on 2 CPU processes: same LoRA weights and 'bi' export
+    as one process with accumulation 2, for 'is' (activations read across layers)."""
+    args = [*LLAMA_COMMON, "--structure", "is", "--pre_num", "2", "--offline_base_dir", str(llama_base),
+            "--per_device_train_batch_size", "4"]
+    one, ds = tmp_path / "one", tmp_path / "ds"
+    launch(1, [*args, "--gradient_accumulation_steps", "2", "--output_dir", str(one)], timeout=300, script=LLAMA_SCRIPT)
+    proc = launch(2, [*args, "--output_dir", str(ds)], timeout=300, script=LLAMA_SCRIPT,
+                  deepspeed_config=write_deepspeed_config(tmp_path / "zero2.yaml", 2))
+    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{") and '"accuracy_after_merge"' in line]
+    assert len(summaries) == 1 and summaries[0]["distributed"] == "DeepSpeed ZeRO-2"
+    assert _tree(one) == _tree(ds)
+    state = "reslora_training_state/reslora_training_state.safetensors"
+    assert_same_lora(one / state, ds / state)
+    adapter = "merged_adapter/adapter_model.safetensors"
+    a, b = load_file(str(one / adapter)), load_file(str(ds / adapter))
     assert a and set(a) == set(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)

@@ -189,6 +189,46 @@ def test_unsupported_distributed_modes_are_refused_with_the_supported_list(kind,
     assert "single process" in message and "DDP" in message and "ZeRO stage 1/2" in message
 
 
+def _deepspeed_accelerator(**config):
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(zero_stage=2, deepspeed_config=config)
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+@pytest.mark.parametrize("config,accumulation,max_norm,named", [
+    ({"gradient_accumulation_steps": 1, "gradient_clipping": 1.0}, 2, 1.0, "gradient_accumulation_steps 1"),
+    ({"gradient_accumulation_steps": 2, "gradient_clipping": 1.0}, 2, 0.5, "clips gradients at 1"),
+    ({"gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}, 4, 0.0, "--max_grad_norm is 0"),
+])
+def test_deepspeed_config_disagreeing_with_the_flags_is_refused(config, accumulation, max_norm, named):
+    with pytest.raises(_common.UnsupportedDistributedMode) as info:
+        _common.check_deepspeed_config(_deepspeed_accelerator(**config), accumulation, max_norm)
+    assert named in str(info.value) and "DeepSpeed config" in str(info.value)
+
+
+@pytest.mark.parametrize("config,accumulation,max_norm", [
+    ({"gradient_accumulation_steps": 2, "gradient_clipping": 0.5}, 2, 0.5),
+    ({"gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}, 3, 1.0),  # accelerate fills auto
+    ({"gradient_accumulation_steps": 1, "gradient_clipping": 0.0}, 1, None),  # no clipping on either side
+])
+def test_deepspeed_config_matching_the_flags_passes(config, accumulation, max_norm):
+    _common.check_deepspeed_config(_deepspeed_accelerator(**config), accumulation, max_norm)
+    _common.check_deepspeed_config(_fake_accelerator("MULTI_CPU"), accumulation, max_norm)  # not DeepSpeed: no check
+
+
+def test_deepspeed_without_cuda_gets_gloo(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (handler,) = _common.process_group_kwargs()
+    assert handler.to_kwargs()["backend"] == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _common.process_group_kwargs() == []  # on CUDA accelerate picks nccl itself
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _common.process_group_kwargs() == []
+
+
 def test_real_accelerator_single_process_is_accepted():
     from accelerate import Accelerator
 
