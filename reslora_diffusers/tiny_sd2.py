@@ -291,12 +291,16 @@ BASE_COLORS = {
 BASE_SHAPES = ("circle", "square", "triangle", "star")
 # phrase, (x, y) centre as a fraction of the image size
 BASE_POSITIONS = {
-    "on the left": (0.27, 0.5),
-    "on the right": (0.73, 0.5),
-    "at the top": (0.5, 0.27),
-    "at the bottom": (0.5, 0.73),
+    "on the left": (0.3, 0.5),
+    "on the right": (0.7, 0.5),
+    "at the top": (0.5, 0.3),
+    "at the bottom": (0.5, 0.7),
     "in the middle": (0.5, 0.5),
 }
+# Shape radius range, as a fraction of the image size. Shapes span 4-5 of the 8x8 latent pixels: with
+# radii 0.15-0.2 (3 latent pixels) a 1200-step UNet drew squares and stars as blobs; 0.21-0.27 gave
+# recognisable stars and squares in the same run.
+BASE_RADIUS = (0.21, 0.27)
 # muted, mid-tone backgrounds: far from both the shape colours and a pastel/white palette
 BASE_BACKGROUNDS = (
     (150, 150, 150),
@@ -357,7 +361,7 @@ def render_base_image(color: str, shape: str, position: str, rng, resolution: in
     fx, fy = BASE_POSITIONS[position]
     cx = (fx + rng.uniform(-0.04, 0.04)) * size
     cy = (fy + rng.uniform(-0.04, 0.04)) * size
-    r = rng.uniform(0.15, 0.2) * size
+    r = rng.uniform(*BASE_RADIUS) * size
     fill = tuple(int(min(255, max(0, c + rng.uniform(-15, 15)))) for c in BASE_COLORS[color])
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)

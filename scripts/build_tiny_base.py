@@ -111,7 +111,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) 
 
 
 @torch.no_grad()
-def sample_grid(pipe, captions=GRID_CAPTIONS, seeds=(0, 1, 2, 3, 4), steps: int = 20, guidance: float = 5.0):
+def sample_grid(pipe, captions=GRID_CAPTIONS, seeds=(0, 1, 2, 3, 4), steps: int = 20, guidance: float = 3.0):
     rows = []
     for cap in captions:
         row = []
@@ -129,11 +129,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-images", type=int, default=6000, help="base-domain training images")
     ap.add_argument("--num-clutter", type=int, default=3000, help="extra generic images for the VAE")
-    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-steps", type=int, default=1200)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-6)
-    ap.add_argument("--unet-steps", type=int, default=1500)
+    ap.add_argument("--unet-steps", type=int, default=2400)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--ema-decay", type=float, default=0.999)
@@ -142,7 +142,7 @@ def main(argv=None):
     ap.add_argument("--fp32", action="store_true", help="store fp32 weights instead of fp16")
     ap.add_argument("--grid", default=None, help="also write a labelled sample grid PNG here")
     ap.add_argument("--grid-only", action="store_true", help="only write the grid from an existing --out")
-    ap.add_argument("--guidance", type=float, default=5.0, help="guidance scale for the grid")
+    ap.add_argument("--guidance", type=float, default=3.0, help="guidance scale for the grid (5 over-saturates stars)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
