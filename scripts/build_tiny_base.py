@@ -2,7 +2,7 @@
 """Pretrain the embedded offline tiny SD2-layout base on the CPU (deterministic for a given --threads).
 
     python scripts/build_tiny_base.py --out reslora_diffusers/assets/tiny-sd2-base --seed 0 \
-        --grid docs/tiny_base_samples.png
+        --grid docs/tiny_base_samples.png --shape-grid docs/tiny_base_shapes_colours.png
 
 1. renders a procedural base domain with PIL (saturated shapes on muted plain/gradient
    backgrounds, captions "a red circle on the left"), plus generic clutter for the VAE only;
@@ -38,7 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reslora_diffusers.grids import make_grid  # noqa: E402
 from reslora_diffusers.tiny_sd2 import (  # noqa: E402
+    BASE_COLORS,
+    BASE_SHAPES,
     TINY_RESOLUTION,
+    base_caption,
     base_domain_sample,
     build_tiny_pipeline,
     build_tiny_scheduler,
@@ -123,6 +126,29 @@ def sample_grid(pipe, captions=GRID_CAPTIONS, seeds=(0, 1, 2, 3, 4), steps: int 
     return make_grid(rows, captions, [f"seed {s}" for s in seeds])
 
 
+@torch.no_grad()
+def colour_shape_grid(pipe, position: str = "in the middle", seed: int = 0, steps: int = 20, guidance: float = 3.0):
+    """One sample per (shape, colour) caption at a fixed position and seed: rows shapes, columns colours."""
+    rows = []
+    for shape in BASE_SHAPES:
+        row = []
+        for colour in sorted(BASE_COLORS):
+            g = torch.Generator().manual_seed(seed)
+            row.append(pipe(base_caption(colour, shape, position), num_inference_steps=steps, guidance_scale=guidance,
+                            generator=g, height=TINY_RESOLUTION, width=TINY_RESOLUTION).images[0])
+        rows.append(row)
+    return make_grid(rows, list(BASE_SHAPES), sorted(BASE_COLORS))
+
+
+def write_grids(pipe, args):
+    for path, draw in ((args.grid, lambda: sample_grid(pipe, guidance=args.guidance)),
+                       (args.shape_grid, lambda: colour_shape_grid(pipe, guidance=args.guidance))):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            draw().save(path)
+            print(f"wrote {path}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
@@ -141,7 +167,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the cores are shared)")
     ap.add_argument("--fp32", action="store_true", help="store fp32 weights instead of fp16")
     ap.add_argument("--grid", default=None, help="also write a labelled sample grid PNG here")
-    ap.add_argument("--grid-only", action="store_true", help="only write the grid from an existing --out")
+    ap.add_argument("--shape-grid", default=None, help="also write a shapes x colours sample grid PNG here")
+    ap.add_argument("--grid-only", action="store_true", help="only write the grid(s) from an existing --out")
     ap.add_argument("--guidance", type=float, default=3.0, help="guidance scale for the grid (5 over-saturates stars)")
     args = ap.parse_args(argv)
 
@@ -155,9 +182,8 @@ def main(argv=None):
     if args.grid_only:
         pipe = StableDiffusionPipeline.from_pretrained(args.out, local_files_only=True).to(torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        sample_grid(pipe, guidance=args.guidance).save(args.grid)
-        print(f"wrote {args.grid} in {time.time() - t_start:.1f}s")
+        write_grids(pipe, args)
+        print(f"grids took {time.time() - t_start:.1f}s")
         return
 
     torch.manual_seed(args.seed)
@@ -288,13 +314,12 @@ def main(argv=None):
     print(f"final UNet loss (v-prediction MSE, mean of last 100 steps): {unet_loss:.4f}")
     print(f"saved {out} ({size_mb:.1f} MB) ; total time {total:.1f}s ({total / 60:.1f} min)", flush=True)
 
-    if args.grid:
+    if args.grid or args.shape_grid:
         t0 = time.time()
         pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True).to(torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        sample_grid(pipe, guidance=args.guidance).save(args.grid)
-        print(f"wrote {args.grid} in {time.time() - t0:.1f}s")
+        write_grids(pipe, args)
+        print(f"grids took {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":

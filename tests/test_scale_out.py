@@ -99,8 +99,11 @@ def test_two_processes_equal_one_process_with_accumulation(structure, tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_on_cpu_keeps_lora_and_statistics_in_fp32(tmp_path):
-    launch(1, ["--output_dir", str(tmp_path), "--mixed_precision", "bf16", "--reslora_structure", "is",
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu_keeps_lora_and_statistics_in_fp32(precision, tmp_path):
+    """The frozen base runs in bf16/fp16 and the LoRA weights and 'bi' windows stay fp32 (the fp16 run on
+    CPU has no GradScaler: accelerate only scales losses on GPUs)."""
+    launch(1, ["--output_dir", str(tmp_path), "--mixed_precision", precision, "--reslora_structure", "is",
                "--train_batch_size", "2", *COMMON])
     state = load_file(str(tmp_path / "reslora_training_state.safetensors"))
     assert {v.dtype for v in state.values()} == {torch.float32}
