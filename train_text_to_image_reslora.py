@@ -36,6 +36,7 @@ from reslora_diffusers.distributed import (
     check_distributed_mode,
     load_state_kwargs,
     process_group_kwargs,
+    release_ddp_reducer,
     save_state_kwargs,
 )
 from reslora_diffusers.export import STATE_CONFIG_NAME, load_training_state, save_training_state
@@ -713,6 +714,7 @@ def main(args):
         })
         accelerator.print(f"Done: {global_step} steps in {elapsed:.0f}s. Merged LoRA in {args.output_dir}.")
     accelerator.wait_for_everyone()  # the other ranks wait for the export, then all leave together
+    release_ddp_reducer(unet)  # before end_training() destroys the process group: avoids a hang at exit
     accelerator.end_training()
     return exit_code
 

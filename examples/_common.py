@@ -30,6 +30,7 @@ from reslora_diffusers.distributed import (  # noqa: E402,F401
     check_deepspeed_config,
     check_distributed_mode,
     process_group_kwargs,
+    release_ddp_reducer,
 )
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -55,6 +55,7 @@ from _common import (  # noqa: E402
     merge_with_report,
     print_summary,
     process_group_kwargs,
+    release_ddp_reducer,
     reslora_config_from_args,
     to_device,
     training_steps,
@@ -458,6 +459,7 @@ def main(argv=None, return_state: bool = False):
     if accelerator.is_main_process:
         print_summary(summary, args.output_dir)
     accelerator.wait_for_everyone()
+    release_ddp_reducer(model)  # the process group, not the DDP Reducer, must be the last to go (hang at exit)
     if return_state:
         return {"summary": summary, "model": unwrapped, "stock": stock, "merge_result": result,
                 "compare_batches": compare, "forward_fn": forward_fn, "accelerator": accelerator,

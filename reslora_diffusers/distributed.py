@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 SUPPORTED_MODES = "single process, multi-GPU (or multi-CPU) DDP, or DeepSpeed ZeRO stage 1/2"
 
 
@@ -13,10 +17,6 @@ def process_group_kwargs() -> list:
     batch-size check fails. Naming gloo fixes both. On CUDA (or when DeepSpeed is not used) this
     returns nothing and accelerate picks its backend as usual.
     """
-    import os
-
-    import torch
-
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
         return []
     from accelerate.utils import InitProcessGroupKwargs
@@ -104,3 +104,19 @@ def load_state_kwargs(accelerator) -> dict:
     """Extra ``accelerator.load_state`` arguments matching :func:`save_state_kwargs`."""
     return {"load_module_strict": False} if is_deepspeed(accelerator) else {}
 
+
+
+def release_ddp_reducer(model) -> None:
+    """Free a DDP wrapper's gradient Reducer now, while the process group is still registered.
+
+    ``accelerator.end_training()`` destroys the process group. If a DDP wrapper outlives it, freeing
+    the wrapper later drops the Reducer's reference, the last one, to the gloo process group, whose
+    destructor joins gloo's worker threads while holding the GIL. A worker still releasing a tensor
+    needs the GIL, and the process hangs at exit (seen on 2 CPU processes with torch 2.13; see
+    pytorch/pytorch#56297). Freed here, the Reducer is not the last owner. No-op for other models.
+    """
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    for name in ("logger", "reducer"):  # DDP's C++ Logger also holds the Reducer
+        if hasattr(model, name):
+            delattr(model, name)
