@@ -1,4 +1,4 @@
-"""Which distributed modes ResLoRA can train in, checked at start-up."""
+"""Which distributed modes ResLoRA can train in (checked at start-up), and what each mode needs."""
 
 from __future__ import annotations
 
@@ -103,7 +103,6 @@ def save_state_kwargs(accelerator) -> dict:
 def load_state_kwargs(accelerator) -> dict:
     """Extra ``accelerator.load_state`` arguments matching :func:`save_state_kwargs`."""
     return {"load_module_strict": False} if is_deepspeed(accelerator) else {}
-
 
 
 def release_ddp_reducer(model) -> None:

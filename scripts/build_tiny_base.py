@@ -171,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--grid-only", action="store_true", help="only write the grid(s) from an existing --out")
     ap.add_argument("--guidance", type=float, default=3.0, help="guidance scale for the grid (5 over-saturates stars)")
     args = ap.parse_args(argv)
+    if args.grid_only and not (args.grid or args.shape_grid):
+        ap.error("--grid-only needs --grid PATH and/or --shape-grid PATH")
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
