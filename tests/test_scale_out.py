@@ -63,11 +63,19 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 
 def assert_same_lora(a_path, b_path):
+    """Two training states hold the same LoRA weights, and training moved them."""
     a, b = load_file(str(a_path)), load_file(str(b_path))
     lora = [k for k in a if k.endswith(("lora_A", "lora_B"))]
     assert lora and set(a) == set(b)
     assert max(a[k].abs().max() for k in lora if k.endswith("lora_B")) > 0  # training moved B off its zero init
     for key in lora:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+
+
+def assert_same_tensors(a_path, b_path):
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    assert a and set(a) == set(b)
+    for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
 
 
@@ -84,13 +92,7 @@ def test_two_processes_equal_one_process_with_accumulation(structure, tmp_path):
     launch(1, ["--output_dir", str(one), "--train_batch_size", "2", "--gradient_accumulation_steps", "2", *args])
     proc = launch(2, ["--output_dir", str(two), "--train_batch_size", "2", *args])
     assert "DDP (MULTI_CPU)" in proc.stdout + proc.stderr  # really two processes
-    a = load_file(str(one / "reslora_training_state.safetensors"))
-    b = load_file(str(two / "reslora_training_state.safetensors"))
-    lora = [k for k in a if k.endswith(("lora_A", "lora_B"))]
-    assert lora and set(a) == set(b)
-    assert max(a[k].abs().max() for k in lora if k.endswith("lora_B")) > 0  # training moved B off its zero init
-    for key in lora:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    assert_same_lora(one / "reslora_training_state.safetensors", two / "reslora_training_state.safetensors")
     # only the main process wrote samples, one copy each, and one export
     assert len(list((two / "samples" / "step-000003").glob("prompt-*_seed-0.png"))) == 3
     assert (two / "pytorch_lora_weights.safetensors").exists()
@@ -147,6 +149,10 @@ LLAMA_COMMON = [
 ]
 
 
+LLAMA_STATE = "reslora_training_state/reslora_training_state.safetensors"
+LLAMA_ADAPTER = "merged_adapter/adapter_model.safetensors"
+
+
 @pytest.fixture(scope="module")
 def llama_base(tmp_path_factory):
     """The tiny offline LLaMA base, pretrained once in this process and shared by every launch."""
@@ -190,19 +196,9 @@ def test_llama_two_processes_equal_one_process_with_accumulation(structure, tmp_
     assert {p: p.stat().st_mtime_ns for p in llama_base.rglob("*")} == base_files
     assert _tree(one) == _tree(two)
 
-    state = "reslora_training_state/reslora_training_state.safetensors"
-    a, b = load_file(str(one / state)), load_file(str(two / state))
-    lora = [k for k in a if k.endswith(("lora_A", "lora_B"))]
-    assert lora and set(a) == set(b)
-    assert max(a[k].abs().max() for k in lora if k.endswith("lora_B")) > 0  # training moved B off its zero init
-    for key in lora:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    assert_same_lora(one / LLAMA_STATE, two / LLAMA_STATE)
     # the exported plain LoRA: for is/ms it uses the 'bi' windows, averaged over the ranks before merging
-    adapter = "merged_adapter/adapter_model.safetensors"
-    a, b = load_file(str(one / adapter)), load_file(str(two / adapter))
-    assert a and set(a) == set(b)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    assert_same_tensors(one / LLAMA_ADAPTER, two / LLAMA_ADAPTER)
 
 
 @pytest.mark.slow
@@ -219,13 +215,8 @@ def test_llama_deepspeed_zero2_equals_one_process_with_accumulation(tmp_path, ll
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{") and '"accuracy_after_merge"' in line]
     assert len(summaries) == 1 and summaries[0]["distributed"] == "DeepSpeed ZeRO-2"
     assert _tree(one) == _tree(ds)
-    state = "reslora_training_state/reslora_training_state.safetensors"
-    assert_same_lora(one / state, ds / state)
-    adapter = "merged_adapter/adapter_model.safetensors"
-    a, b = load_file(str(one / adapter)), load_file(str(ds / adapter))
-    assert a and set(a) == set(b)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    assert_same_lora(one / LLAMA_STATE, ds / LLAMA_STATE)
+    assert_same_tensors(one / LLAMA_ADAPTER, ds / LLAMA_ADAPTER)
 
 
 # --------------------------------------------------------------------- 'bi' statistics sync
