@@ -32,8 +32,7 @@ from reslora_diffusers import ResLoRAConfig, get_controller, inject_reslora, mer
 from reslora_diffusers.config import MERGE_METHODS, STRUCTURES
 from reslora_diffusers.distributed import (
     UnsupportedDistributedMode,
-    check_deepspeed_config,
-    check_distributed_mode,
+    check_training_setup,
     load_state_kwargs,
     process_group_kwargs,
     release_ddp_reducer,
@@ -513,8 +512,8 @@ def main(args):
         kwargs_handlers=process_group_kwargs(),  # gloo for DeepSpeed on a machine without CUDA
     )
     try:
-        mode = check_distributed_mode(accelerator)  # FSDP / ZeRO-3 shard what ResLoRA reads across layers
-        check_deepspeed_config(accelerator, args.gradient_accumulation_steps, args.max_grad_norm)
+        # FSDP / ZeRO-3 shard what ResLoRA reads across layers; DeepSpeed must agree with the flags
+        mode = check_training_setup(accelerator, args.gradient_accumulation_steps, args.max_grad_norm)
     except UnsupportedDistributedMode as err:
         raise TrainingError(str(err)) from err
     accelerator.print(f"Training mode: {mode}, {accelerator.num_processes} process(es), device {accelerator.device}")

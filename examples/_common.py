@@ -29,6 +29,7 @@ from reslora_diffusers.distributed import (  # noqa: E402,F401
     UnsupportedDistributedMode,
     check_deepspeed_config,
     check_distributed_mode,
+    check_training_setup,
     process_group_kwargs,
     release_ddp_reducer,
 )

@@ -53,8 +53,7 @@ from _common import (  # noqa: E402
     EvalHistory,
     add_reslora_args,
     add_training_args,
-    check_deepspeed_config,
-    check_distributed_mode,
+    check_training_setup,
     collect_logits,
     max_abs_diff,
     merge_with_report,
@@ -348,8 +347,8 @@ def main(argv=None, return_state: bool = False):
         torch.set_num_threads(args.num_threads)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               kwargs_handlers=process_group_kwargs())  # gloo for DeepSpeed without CUDA
-    mode = check_distributed_mode(accelerator)  # refuse FSDP / ZeRO-3 before any work
-    check_deepspeed_config(accelerator, args.gradient_accumulation_steps, args.max_grad_norm)
+    # refuse FSDP / ZeRO-3, and DeepSpeed settings that disagree with the flags, before any work
+    mode = check_training_setup(accelerator, args.gradient_accumulation_steps, args.max_grad_norm)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info("distributed mode: %s, %d process(es)", mode, accelerator.num_processes)
     if args.offline:

@@ -95,6 +95,13 @@ def check_deepspeed_config(accelerator, gradient_accumulation_steps: int, max_gr
         )
 
 
+def check_training_setup(accelerator, gradient_accumulation_steps: int, max_grad_norm: float | None) -> str:
+    """:func:`check_distributed_mode`, then :func:`check_deepspeed_config`; returns the mode's description."""
+    mode = check_distributed_mode(accelerator)
+    check_deepspeed_config(accelerator, gradient_accumulation_steps, max_grad_norm)
+    return mode
+
+
 def save_state_kwargs(accelerator) -> dict:
     """Extra ``accelerator.save_state`` arguments: DeepSpeed checkpoints skip the frozen base weights."""
     return {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}

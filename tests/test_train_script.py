@@ -219,5 +219,5 @@ def test_script_refuses_sharded_modes_before_training(monkeypatch, capsys):
     def refuse(accelerator):
         raise distributed.UnsupportedDistributedMode("FSDP is not supported. Supported modes: single process")
 
-    monkeypatch.setattr(train, "check_distributed_mode", refuse)
+    monkeypatch.setattr(distributed, "check_distributed_mode", refuse)  # reached through check_training_setup
     assert "Supported modes" in cli_error(["--report_to", "none"], capsys)
