@@ -2,7 +2,7 @@
 
 from .config import MERGE_METHODS, STRUCTURES, ResLoRAConfig
 from .export import load_training_state, save_merged_lora, save_training_state
-from .merging import MergeResult, merge_error, merge_reslora, merged_view
+from .merging import MergeResult, merge_error, merge_reslora, merge_shortcuts_in_place, merged_view
 from .model import calibration, get_controller, inject_reslora, module_kind, remove_reslora
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "load_training_state",
     "merge_error",
     "merge_reslora",
+    "merge_shortcuts_in_place",
     "merged_view",
     "save_merged_lora",
     "save_training_state",

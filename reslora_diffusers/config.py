@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+import math
 from typing import Optional, Union
 
 STRUCTURES = ("none", "is", "bs", "ms")
@@ -48,6 +49,21 @@ class ResLoRAConfig:
         default=50,
         metadata={"help": "Length of the sliding window of activation norms that the 'bi' merge averages."},
     )
+    shortcut_decay: Optional[tuple[float, float]] = field(
+        default=None,
+        metadata={
+            "help": "(start, end) fractions of training: every shortcut term is multiplied by lambda, which is 1 "
+            "until start, falls (cosine) to exactly 0 at end and stays 0. At lambda = 0 the model is plain LoRA, "
+            "so the export is exact. None keeps lambda = 1 (the paper's ResLoRA)."
+        },
+    )
+    merge_at: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Fraction of training at which 'is'/'ms' are merged into their own LoRA factors in place "
+            "(A_n <- A*_n) and training goes on as plain LoRA, so the export is exact. None: never."
+        },
+    )
 
     def __post_init__(self):
         if self.structure not in STRUCTURES:
@@ -77,10 +93,46 @@ class ResLoRAConfig:
             self.target_modules = sorted(self.target_modules)
         if self.merge_window < 1:
             raise ValueError(f"merge_window must be >= 1, got {self.merge_window}.")
+        if self.shortcut_decay is not None:
+            try:
+                start, end = (float(v) for v in self.shortcut_decay)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"shortcut_decay must be two fractions (start, end) with 0 <= start < end <= 1, got "
+                    f"{self.shortcut_decay!r}."
+                ) from None
+            if not 0.0 <= start < end <= 1.0:
+                raise ValueError(
+                    f"shortcut_decay=({start}, {end}) is invalid: use 0 <= start < end <= 1, e.g. (0.5, 0.9): "
+                    "full shortcuts for the first half of training, none from 90% on."
+                )
+            self.shortcut_decay = (start, end)
+        if self.merge_at is not None:
+            if not 0.0 < float(self.merge_at) < 1.0:
+                raise ValueError(f"merge_at must be a fraction of training in (0, 1), got {self.merge_at!r}.")
+            if self.structure not in ("is", "ms"):
+                raise ValueError(
+                    f"merge_at applies to 'is' and 'ms' only (got structure {self.structure!r}): 'bs' merges "
+                    "exactly but to a larger rank, which cannot replace its factors in place; use shortcut_decay."
+                )
+            if self.shortcut_decay is not None:
+                raise ValueError("Use either shortcut_decay or merge_at, not both: each ends training as plain LoRA.")
+            self.merge_at = float(self.merge_at)
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
+
+    def shortcut_scale(self, progress: float) -> float:
+        """lambda at ``progress`` = step / max_train_steps under ``shortcut_decay`` (1 without it)."""
+        if self.shortcut_decay is None:
+            return 1.0
+        start, end = self.shortcut_decay
+        if progress <= start:
+            return 1.0
+        if progress >= end:
+            return 0.0
+        return 0.5 * (1.0 + math.cos(math.pi * (progress - start) / (end - start)))
 
     def to_lora_config(self):
         """The plain ``peft.LoraConfig`` whose layers ResLoRA is built on."""
@@ -107,4 +159,7 @@ class ResLoRAConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"Unknown ResLoRAConfig fields {sorted(unknown)}; known fields: {sorted(known)}.")
+        data = dict(data)
+        if data.get("shortcut_decay") is not None:  # JSON stores the tuple as a list
+            data["shortcut_decay"] = tuple(data["shortcut_decay"])
         return cls(**data)

@@ -171,6 +171,8 @@ def save_training_state(model, save_directory: str, extra: Optional[dict] = None
         "adapter_name": controller.adapter_name,
         "chains": controller.chain_summary() if controller.traced else None,
         "norm_counts": counts,
+        "shortcut_scale": controller.shortcut_scale,
+        "shortcuts_merged": controller.shortcuts_merged,
         "extra": extra or {},
     }
     os.makedirs(save_directory, exist_ok=True)
@@ -230,4 +232,6 @@ def load_training_state(model, save_directory: str):
                         value.copy_(saved)
     if meta.get("chains"):
         controller.restore_chains(meta["chains"])
+    controller.shortcut_scale = float(meta.get("shortcut_scale", 1.0))  # states before lambda: 1
+    controller.shortcuts_merged = bool(meta.get("shortcuts_merged", False))
     return model

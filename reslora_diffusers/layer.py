@@ -10,6 +10,9 @@ Equations (s = lora_alpha / r, n the block, m = pre_num, x_n the block's input):
 - ``is``:   h = W x + s B_n A_n (x_n + x_{n-1}),  x_{n-1} := x_n at a chain head
 - ``bs``:   h = W x + s (sum_{k=0..m} B_{n-k} A_{n-k}) x_n, one concatenated rank-(m+1)r matmul
 - ``ms``:   h = W x + s B_n (sum_{k=0..m} A_{n-k} x_{n-k}), reusing the A-outputs of earlier blocks
+
+With ``shortcut_decay`` every shortcut term (x_{n-1} in ``is``, the k >= 1 terms in ``bs``/``ms``) is
+multiplied by lambda = ``controller.shortcut_scale``; at lambda = 0 every structure is plain LoRA.
 """
 
 from __future__ import annotations
@@ -28,32 +31,37 @@ if TYPE_CHECKING:
     from .model import ResLoRAController
 
 
+def _shortcut_sum(x, x_prev, scale: float):
+    return x + x_prev if scale == 1.0 else x + scale * x_prev
+
+
 class _SumLinear(torch.autograd.Function):
-    """``(x + x_prev) @ A^T`` that saves only x and x_prev (which the base layers keep anyway), not the sum.
+    """``(x + scale * x_prev) @ A^T`` that saves only x and x_prev (which the base layers keep anyway), not the sum.
 
     Computing the sum outside would make autograd keep a new full-size activation per layer.
     """
 
     @staticmethod
-    def forward(ctx, x, x_prev, weight):
+    def forward(ctx, x, x_prev, weight, scale: float):
         ctx.save_for_backward(x, x_prev, weight)
-        return F.linear(x + x_prev, weight)
+        ctx.scale = scale
+        return F.linear(_shortcut_sum(x, x_prev, scale), weight)
 
     @staticmethod
     def backward(ctx, grad):
         x, x_prev, weight = ctx.saved_tensors
+        scale = ctx.scale
         grad = grad.to(weight.dtype)  # under autocast the output (and so grad) may be lower precision
         grad_x = grad_w = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad_x = (grad @ weight).to(x.dtype)
         if ctx.needs_input_grad[2]:
-            total = (x + x_prev).to(weight.dtype)
+            total = _shortcut_sum(x, x_prev, scale).to(weight.dtype)
             grad_w = grad.reshape(-1, grad.shape[-1]).T @ total.reshape(-1, total.shape[-1])
-        return (
-            grad_x if ctx.needs_input_grad[0] else None,
-            grad_x if ctx.needs_input_grad[1] else None,
-            grad_w,
-        )
+        grad_prev = None
+        if ctx.needs_input_grad[1]:
+            grad_prev = grad_x if scale == 1.0 else scale * grad_x
+        return grad_x if ctx.needs_input_grad[0] else None, grad_prev, grad_w, None
 
 
 class ResLoRAVariant(LoraVariant):
@@ -128,15 +136,19 @@ class ResLoRAVariant(LoraVariant):
         dropout = module.lora_dropout[active_adapter]
         scaling = module.scaling[active_adapter]
         structure = ctl.config.structure
+        lam = ctl.shortcut_scale  # a Python float: no device sync
 
-        if structure == "none":
+        if structure == "none" or lam == 0.0:  # lambda = 0: the shortcuts are off, plain LoRA
             return result + lora_b(lora_a(dropout(x))) * scaling
 
         if structure == "bs":
             if not self.preds:
                 return result + lora_b(lora_a(dropout(x))) * scaling
             a_cat = torch.cat([lora_a.weight] + [p.module.lora_A[active_adapter].weight for p in self.preds], dim=0)
-            b_cat = torch.cat([lora_b.weight] + [p.module.lora_B[active_adapter].weight for p in self.preds], dim=1)
+            pred_b = [p.module.lora_B[active_adapter].weight for p in self.preds]
+            if lam != 1.0:
+                pred_b = [lam * b for b in pred_b]
+            b_cat = torch.cat([lora_b.weight] + pred_b, dim=1)
             return result + F.linear(F.linear(dropout(x), a_cat), b_cat) * scaling
 
         ctl.check_grad_mode(self)
@@ -151,8 +163,8 @@ class ResLoRAVariant(LoraVariant):
             if ctl.calibrating:
                 self.accumulate_is(x, x_prev, lora_a.weight)
             if isinstance(dropout, torch.nn.Identity) and lora_a.bias is None:
-                return result + lora_b(_SumLinear.apply(x, x_prev, lora_a.weight)) * scaling
-            return result + lora_b(lora_a(dropout(x + x_prev))) * scaling
+                return result + lora_b(_SumLinear.apply(x, x_prev, lora_a.weight, lam)) * scaling
+            return result + lora_b(lora_a(dropout(_shortcut_sum(x, x_prev, lam)))) * scaling
 
         # structure == "ms"
         u = lora_a(dropout(x))
@@ -161,15 +173,18 @@ class ResLoRAVariant(LoraVariant):
         if ctl.config.pre_num == -1:
             # cache the running sum S_n = u_n + S_{n-1}: one add per layer for "all previous blocks"
             earlier = None if self.link is None else self.cached_from(self.link, u)
-            total = u if earlier is None else u + earlier
-            ctl.cache[self] = total
+            ctl.cache[self] = running = u if earlier is None else u + earlier
+            if earlier is None or lam == 1.0:
+                total = running
+            else:
+                total = _shortcut_sum(u, earlier, lam)
         else:
             ctl.cache[self] = u
             earlier = None
             for p in self.preds:
                 earlier_p = self.cached_from(p, u)
                 earlier = earlier_p if earlier is None else earlier + earlier_p
-            total = u if earlier is None else u + earlier
+            total = u if earlier is None else _shortcut_sum(u, earlier, lam)
         if ctl.calibrating and self.preds:
             self.accumulate_ms(x, earlier, active_adapter)
         return result + lora_b(total) * scaling

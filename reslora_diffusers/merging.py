@@ -3,6 +3,10 @@
 Every merge gives, per adapted module, factors ``(A*, B*)`` with the scaling folded into ``B*``, so
 the plain LoRA output is ``B* A* x``.
 
+With ``shortcut_decay`` every shortcut term carries the current lambda, and so does every merge:
+the ``is`` chain head becomes ``(1 + lambda) A``, the ``bi``/``bw`` coefficients and the ``ls`` matrices
+are multiplied by lambda, and ``bs`` scales its earlier B's. At lambda = 0 every merge is exact plain LoRA.
+
 - ``bs`` (any method): exact. ``A* = cat(A_n, A_{n-1}, ...)``, ``B* = s cat(B_n, B_{n-1}, ...)``,
   rank (m+1) r; optionally SVD-compressed to ``svd_rank`` with the error reported.
 - ``is``/``ms`` replace the previous layers' activations by a multiple of the current input:
@@ -89,27 +93,35 @@ def _solve_ls(v: ResLoRAVariant) -> torch.Tensor:
     return torch.linalg.solve(gram + ridge * eye, v.cross.T).T  # (r, d) = cross @ gram^-1
 
 
-def _merge_module(v: ResLoRAVariant, structure: str, method: str, bw_norms: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
+def _merge_module(
+    v: ResLoRAVariant, structure: str, method: str, bw_norms: dict, lam: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(A*, B*, coefficients) of one module; ``lam`` is lambda, the weight of the shortcut terms.
+
+    The reported coefficients are the shortcut's own (a*, or the mean diagonal of M), before lambda.
+    """
     a, b, s = v.lora_weights()
     a, b = a.detach().float(), b.detach().float()
-    if structure == "none" or (structure in ("is", "ms") and method == "no"):
+    if structure == "none" or lam == 0.0 or (structure in ("is", "ms") and method == "no"):
         return a, s * b, 0.0
     if structure == "bs":
+        if not v.preds:
+            return a, s * b, []
         a_star = torch.cat([a] + [p.lora_weights()[0].detach().float() for p in v.preds], dim=0)
-        b_star = s * torch.cat([b] + [p.lora_weights()[1].detach().float() for p in v.preds], dim=1)
+        b_star = s * torch.cat([b] + [lam * p.lora_weights()[1].detach().float() for p in v.preds], dim=1)
         return a_star, b_star, [1.0] * len(v.preds)
     if structure == "is":
         if v.link is None:  # chain head: x_{n-1} := x_n exactly
-            return 2 * a, s * b, 1.0
+            return (1 + lam) * a, s * b, 1.0
         if method == "ls":
             m = _solve_ls(v).float().to(a.device)
-            return a + m @ a, s * b, (m.trace() / m.shape[0]).item()
+            return a + lam * (m @ a), s * b, (m.trace() / m.shape[0]).item()
         if method == "bi":
             alpha = _ratio(v.link.mean_norm(), v.mean_norm())
         else:  # bw: a* = f*_{n-2} / f*_{n-1}
             pp = v.link.link
             alpha = _ratio(bw_norms[pp.name], bw_norms[v.link.name]) if pp is not None else torch.tensor(1.0)
-        return (1 + alpha.item()) * a, s * b, alpha.item()
+        return (1 + lam * alpha.item()) * a, s * b, alpha.item()
     # ms
     if not v.preds:
         return a, s * b, []
@@ -119,18 +131,18 @@ def _merge_module(v: ResLoRAVariant, structure: str, method: str, bw_norms: dict
         r = a.shape[0]
         a_star = a.clone()
         for k, ak in enumerate([a] + pred_a):
-            a_star = a_star + m[:, k * r : (k + 1) * r] @ ak
+            a_star = a_star + lam * (m[:, k * r : (k + 1) * r] @ ak)
         blocks = [m[:, k * r : (k + 1) * r] for k in range(len(pred_a) + 1)]
         return a_star, s * b, [(blk.trace() / r).item() for blk in blocks]
     if method == "bi":  # eq. 12: A* = (1 + sum_k f_{n-k} / f_n) A_n, f = mean norm of A-outputs
         alphas = [_ratio(p.mean_norm(), v.mean_norm()).item() for p in v.preds]
-        return (1 + sum(alphas)) * a, s * b, alphas
+        return (1 + lam * sum(alphas)) * a, s * b, alphas
     # bw, eq. 13: A* = A_n + sum_k a_{n-k} A_{n-k}, a_{n-k} = f*_{n-k-1} / f*_{n-1}
     alphas = []
     for p in v.preds:
         before = p.link
         alphas.append(_ratio(bw_norms[before.name], bw_norms[v.link.name]).item() if before is not None else 1.0)
-    a_star = a + sum(al * ak for al, ak in zip(alphas, pred_a))
+    a_star = a + lam * sum(al * ak for al, ak in zip(alphas, pred_a))
     return a_star, s * b, alphas
 
 
@@ -201,7 +213,9 @@ def merge_reslora(
                 "ResLoRA chains are traced on the first forward pass; run one forward (or pass calibration_batches) "
                 "before merging."
             )
-    if method == "ls" and structure in ("is", "ms"):
+    lam = controller.shortcut_scale
+    exact = structure in ("none", "bs") or lam == 0.0  # lambda = 0: the model is plain LoRA already
+    if method == "ls" and not exact:
         if not batches:
             raise ValueError("The 'ls' merge needs calibration_batches (a few training inputs).")
         was_training = model.training
@@ -213,11 +227,11 @@ def merge_reslora(
             model.train(was_training)
 
     bw_norms = {}
-    if method == "bw" and structure in ("is", "ms"):
+    if method == "bw" and not exact:
         bw_norms = {name: _weight_norm(v) for name, v in controller.variants.items()}
     factors, modules = {}, {}
     for name, v in controller.variants.items():
-        a_star, b_star, alpha = _merge_module(v, structure, method, bw_norms)
+        a_star, b_star, alpha = _merge_module(v, structure, method, bw_norms, lam)
         entry = {"alpha": alpha, "rank": int(a_star.shape[0]), "linked": v.link.name if v.link else None}
         if structure == "bs" and svd_rank is not None:
             a_star, b_star, err = svd_compress(a_star, b_star, svd_rank)
@@ -230,7 +244,8 @@ def merge_reslora(
     report: dict[str, Any] = {
         "structure": structure,
         "pre_num": controller.config.pre_num,
-        "method": method if structure in ("is", "ms") else "exact",
+        "method": "exact" if exact else method,
+        "shortcut_scale": lam,
         "modules": modules,
     }
     if structure == "bs" and svd_rank is not None:
@@ -265,6 +280,31 @@ def merge_error(model, factors: dict, batches: list, forward_fn: Optional[Callab
         "relative_output_error": _rel(merged, unmerged),
         "relative_adapter_error": _rel(merged, unmerged, base),
     }
+
+
+def merge_shortcuts_in_place(
+    model, method: str = "ls", calibration_batches: Optional[Iterable] = None, forward_fn: Optional[Callable] = None
+) -> MergeResult:
+    """Merge-and-continue (``config.merge_at``): set each 'is'/'ms' layer's A to its merged A*, shortcuts off.
+
+    From then on the model is plain LoRA (lambda stays 0, also after ``set_progress``), so training goes
+    on from the merged factors and the final export is exact. The returned report holds the error of
+    this one merge. Every process must call it with the same inputs (after ``sync_statistics`` for 'bi').
+    The optimizer's moments still describe the old A; resetting them is the caller's choice.
+    """
+    controller = get_controller(model)
+    if controller.config.structure not in ("is", "ms"):
+        raise ValueError(f"Merging shortcuts in place applies to 'is'/'ms', not {controller.config.structure!r}.")
+    if controller.shortcuts_merged:
+        raise RuntimeError("The shortcuts of this model were already merged in place.")
+    result = merge_reslora(model, method=method, calibration_batches=calibration_batches, forward_fn=forward_fn)
+    with torch.no_grad():
+        for name, v in controller.variants.items():
+            a = v.lora_weights()[0]
+            a.copy_(result.factors[name][0].to(a.device, a.dtype))  # B* = s B: B is unchanged for 'is'/'ms'
+    controller.shortcuts_merged = True
+    controller.shortcut_scale = 0.0
+    return result
 
 
 def merged_view(model, merge_result: MergeResult):

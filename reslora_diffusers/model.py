@@ -75,6 +75,9 @@ class ResLoRAController:
         self.view = "train"  # "train" (ResLoRA), "merged" (plain LoRA factors), "base" (adapters off)
         self.merged_factors: Optional[dict] = None
         self.calibrating = False
+        # lambda, the weight of every shortcut term (config.shortcut_decay); 0 once merged in place (merge_at)
+        self.shortcut_scale = 1.0
+        self.shortcuts_merged = False
         self._hook = root.register_forward_pre_hook(self._start_forward)
 
     # --------------------------------------------------------------- forward
@@ -158,6 +161,12 @@ class ResLoRAController:
                 if input_shapes and v.name in input_shapes:
                     v.input_shape = tuple(input_shapes[v.name])
                 self._set_link(v, chain[pos - 1] if has_link else None)
+
+    # --------------------------------------------------------------- schedule
+    def set_progress(self, progress: float) -> float:
+        """Set lambda for ``progress`` = step / max_train_steps (call before each step); returns it."""
+        self.shortcut_scale = 0.0 if self.shortcuts_merged else self.config.shortcut_scale(progress)
+        return self.shortcut_scale
 
     # ------------------------------------------------------------------ views
     @contextlib.contextmanager

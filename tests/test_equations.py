@@ -1,5 +1,8 @@
 """ResLoRA forward and gradients against the paper's equations 2-4, written out naively here.
 
+With shortcut annealing every shortcut term is multiplied by lambda: ``x_{n-1}`` in eq. 2 (and at a
+chain head, where x_{n-1} := x_n), the k >= 1 terms of eqs. 3 and 4.
+
 The model is a stack of Linears (with tanh between) whose shapes cut the chain into segments:
 weight shapes (6,6) x3, (9,6), (9,9) x2 give bs segments [3, 1, 2]; input widths 6,6,6,6,9,9 give
 is/ms segments [4, 2]. A and B are random (LoRA's B = 0 init would hide the shortcuts).
@@ -36,8 +39,8 @@ def make_model(structure, pre_num, seed=0):
     return model
 
 
-def naive_forward(params, x, structure, pre_num):
-    """params: list of dicts with W, b, A, B (leaf tensors). Returns the output of the stack."""
+def naive_forward(params, x, structure, pre_num, lam=1.0):
+    """params: list of dicts with W, b, A, B (leaf tensors); lam weights every shortcut term."""
     s = ALPHA / R
     inputs = []  # x_n of every layer
     a_out = []  # A_n x_n of every layer
@@ -49,7 +52,7 @@ def naive_forward(params, x, structure, pre_num):
         elif structure == "is":
             linked = n > 0 and inputs[n - 1].shape == x.shape
             x_prev = inputs[n - 1] if linked else x  # eq. 2, x_{n-1} := x_n at a chain head
-            h = h + s * ((x + x_prev) @ p["A"].T) @ p["B"].T
+            h = h + s * ((x + lam * x_prev) @ p["A"].T) @ p["B"].T
         elif structure == "bs":
             # predecessors k = 1..m while the weight shapes stay equal, m = pre_num (-1: all)
             delta = p["B"] @ p["A"]
@@ -57,7 +60,7 @@ def naive_forward(params, x, structure, pre_num):
             while n - k >= 0 and (pre_num == -1 or k <= pre_num):
                 if any(params[j]["W"].shape != p["W"].shape for j in range(n - k, n)):
                     break
-                delta = delta + params[n - k]["B"] @ params[n - k]["A"]
+                delta = delta + lam * params[n - k]["B"] @ params[n - k]["A"]
                 k += 1
             h = h + s * x @ delta.T  # eq. 3
         elif structure == "ms":
@@ -66,7 +69,7 @@ def naive_forward(params, x, structure, pre_num):
             while n - k >= 0 and (pre_num == -1 or k <= pre_num):
                 if any(inputs[j].shape != x.shape for j in range(n - k, n)):
                     break
-                mid = mid + inputs[n - k] @ params[n - k]["A"].T  # eq. 4
+                mid = mid + lam * inputs[n - k] @ params[n - k]["A"].T  # eq. 4
                 k += 1
             h = h + s * mid @ p["B"].T
         a_out.append(x @ p["A"].T)
@@ -91,8 +94,10 @@ def leaf_params(model):
 
 @pytest.mark.parametrize("structure", ["none", "is", "bs", "ms"])
 @pytest.mark.parametrize("pre_num", [1, 2, -1])
-def test_forward_and_gradients_match_paper_equations(structure, pre_num):
+@pytest.mark.parametrize("lam", [1.0, 0.37, 0.0])
+def test_forward_and_gradients_match_paper_equations(structure, pre_num, lam):
     model = make_model(structure, pre_num)
+    get_controller(model).shortcut_scale = lam
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     probe = torch.randn(5, 9, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
 
@@ -100,7 +105,7 @@ def test_forward_and_gradients_match_paper_equations(structure, pre_num):
     (out * probe).sum().backward()
 
     params = leaf_params(model)
-    ref = naive_forward(params, x, structure, pre_num)
+    ref = naive_forward(params, x, structure, pre_num, lam)
     (ref * probe).sum().backward()
 
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
