@@ -56,14 +56,24 @@ class Arm:
     key: str
     structure: Optional[str]  # None: plain peft LoRA
     pre_num: int = 1
+    decay: Optional[tuple] = None  # ResLoRAConfig.shortcut_decay
+    merge_at: Optional[float] = None  # ResLoRAConfig.merge_at (moments of the merged A reset)
 
     @property
     def label(self) -> str:
         if self.structure is None:
             return "LoRA"
-        if self.structure == "is":
-            return "ResLoRA is"
-        return f"ResLoRA {self.structure} m={self.pre_num}"
+        name = "ResLoRA is" if self.structure == "is" else f"ResLoRA {self.structure} m={self.pre_num}"
+        if self.decay:
+            name += f", decay {self.decay[0]:g}-{self.decay[1]:g}"
+        if self.merge_at:
+            name += f", merge at {self.merge_at:g}"
+        return name
+
+    @property
+    def family(self) -> str:
+        """Arms that differ only in their anneal window share a family; the window is tuned like the LR."""
+        return f"{self.key.split('-d')[0]}-decay" if self.decay else self.key
 
 
 ARMS = {a.key: a for a in [
@@ -71,6 +81,9 @@ ARMS = {a.key: a for a in [
     Arm("is", "is", 1),
     Arm("bs1", "bs", 1), Arm("bs4", "bs", 4), Arm("bs-1", "bs", -1),
     Arm("ms1", "ms", 1), Arm("ms4", "ms", 4), Arm("ms-1", "ms", -1),
+    Arm("is-d59", "is", 1, decay=(0.5, 0.9)), Arm("is-d38", "is", 1, decay=(0.3, 0.8)),
+    Arm("ms-1-d59", "ms", -1, decay=(0.5, 0.9)), Arm("ms-1-d38", "ms", -1, decay=(0.3, 0.8)),
+    Arm("is-m6", "is", 1, merge_at=0.6), Arm("ms-1-m6", "ms", -1, merge_at=0.6),
 ]}
 
 
@@ -155,7 +168,8 @@ class BenchContext:
             inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGET_MODULES)), unet)
         else:
             inject_reslora(unet, ResLoRAConfig(structure=arm.structure, pre_num=arm.pre_num, r=rank, lora_alpha=rank,
-                                               target_modules=list(TARGET_MODULES)))
+                                               target_modules=list(TARGET_MODULES), shortcut_decay=arm.decay,
+                                               merge_at=arm.merge_at))
         for name, p in unet.named_parameters():
             p.requires_grad_("lora_" in name)
         return unet
@@ -242,18 +256,29 @@ def save_samples(images, folder: Path):
 
 def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, batch_size: int = 8,
               eval_every: int = 20, sample_every: int = 0, rank: int = 4, run_dir: Optional[Path] = None,
-              merge: str = "ls", sample_inference_steps: int = 20) -> dict:
+              merge: str = "ls", sample_inference_steps: int = 20, export_curve: bool = False) -> dict:
     """Train one arm; returns its curve (train/held-out loss, style) and final merged numbers.
 
     AdamW (weight decay 1e-2), constant LR, gradient clipping at 1.0: the training script's defaults.
+    Before each step lambda is set for progress ``step / steps`` (``shortcut_decay``); a ``merge_at``
+    arm merges in place at that step and resets the AdamW moments of the merged A's.
     ``sample_every`` > 0 also samples (through the merged view) at step 0 and every ``sample_every`` steps.
+    ``export_curve`` also records, at every evaluation, the held-out loss of the plain LoRA exported then.
     """
+    from reslora_diffusers import get_controller, merge_shortcuts_in_place
+
     unet = ctx.fresh_unet(arm, seed, rank)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    controller = get_controller(unet) if arm.structure is not None else None
+    merge_step = round(arm.merge_at * steps) if arm.merge_at else None
     curve = []
     merges = {}  # step -> merge result: the final step's merge serves its samples and the final numbers
     train_seconds = 0.0
+
+    def set_progress(step):
+        if controller is not None:
+            controller.set_progress(step / steps)
 
     def merged_at(step):
         if step not in merges:
@@ -265,7 +290,11 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
     window_count = 0
 
     def evaluate(step, train_loss):
+        set_progress(step)  # the model as it stands after ``step`` updates
         row = {"step": step, "train_loss": train_loss, "held_out_loss": ctx.held_out_loss(unet), "style_score": None}
+        if export_curve:
+            with ctx.merged(unet, merged_at(step)):
+                row["held_out_loss_export"] = ctx.held_out_loss(unet)
         if sample_every and step % sample_every == 0:
             result = merged_at(step)
             with ctx.merged(unet, result):
@@ -281,6 +310,13 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
             unet_forward(unet, ctx.calibration[0])
     evaluate(0, None)
     for step in range(steps):
+        if step == merge_step:
+            merge_shortcuts_in_place(unet, merge, ctx.calibration, unet_forward)
+            merged_a = {id(controller.variants[n].lora_weights()[0]) for n in controller.variants}
+            for p in params:
+                if id(p) in merged_a:
+                    opt.state.pop(p, None)  # AdamW starts these moments afresh
+        set_progress(step)
         inputs, target = ctx.batch(seed, step, batch_size)
         t0 = time.perf_counter()
         pred = unet_forward(unet, inputs)
@@ -306,6 +342,8 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
         with ctx.merged(unet, result):
             final["held_out_loss_merged"] = ctx.held_out_loss(unet)
         final["merge_relative_error"] = ctx.merge_error(unet, result)["relative_output_error"] if result else 0.0
+        if controller is not None:
+            final["shortcut_scale"] = controller.shortcut_scale
         if arm.structure is not None and run_dir is not None:
             from reslora_diffusers.export import save_training_state
 

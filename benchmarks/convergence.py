@@ -1,24 +1,32 @@
 #!/usr/bin/env python
-"""Does ResLoRA learn faster than LoRA? Convergence on the embedded tiny SD2 base + pokemon-style.
+"""Does the LoRA file that ResLoRA exports beat a tuned plain LoRA? Tiny SD2 base + pokemon-style.
 
-    python benchmarks/convergence.py            # full: 8 arms, LR sweep, 3 seeds (<= 60 min on 2 cores)
-    python benchmarks/convergence.py --quick    # 4 arms, LR sweep, 2 seeds, fewer steps (<= 10 min)
+    python benchmarks/convergence.py            # full: 10 arms, bracketed LR tuning, 5 evaluation seeds
+    python benchmarks/convergence.py --quick    # 4 arms, 3 LRs, 1 tuning + 2 evaluation seeds (<= 10 min)
 
-Arms: plain peft LoRA, ResLoRA ``is``, and ``bs``/``ms`` with pre_num 1, 4 and -1, all with rank 4 on
-``to_q/to_k/to_v/to_out.0``, batch 8, the same LoRA init, data order and noise for a seed.
+Arms (``--arms``): plain peft LoRA, ResLoRA ``is``, ``ms`` m=-1, ``bs`` m=-1, and ``is``/``ms`` m=-1 with
+shortcut annealing (``shortcut_decay`` windows 0.5-0.9 and 0.3-0.8) and with merge-and-continue
+(``merge_at`` 0.6). All rank 4 on ``to_q/to_k/to_v/to_out.0``, batch 8; for a seed every arm shares
+the LoRA init, data order, noise and timesteps.
 
-Protocol: every arm trains with seed 0 at each learning rate of the sweep; its best learning rate
-(lowest final held-out loss of the model as trained) is then trained with the other seeds. Every
-``--eval_every`` steps it records the training loss (mean since the last record) and the held-out
-denoising loss (fixed image, noise and timestep triples); every ``--sample_every`` steps the style
-score of samples from fixed prompts and seeds, drawn through the merged view (for ResLoRA ``is``/
-``ms`` the ``ls`` merge, i.e. what the exported LoRA gives). At the end, the held-out loss of the
-merged model too.
+Primary metric: held-out denoising loss (v-prediction MSE on 64 fixed image/noise/timestep triples of
+images not trained on) of the *exported plain LoRA* at the end: the model as trained for LoRA, ``bs``
+and the annealed/merged arms (their export is exact), the ``ls`` merge for ``is``/``ms``.
 
-Writes to ``--out``: ``curves.csv``, ``runs.csv``, ``results.md`` (also printed), plots
-(``held_out_loss.png``, ``style_score.png``, ``train_loss.png``, ``lr_sweep.png``), and
-``comparison_grid.png`` (LoRA vs the best ResLoRA arm, seed 0, same prompts). Each run's samples and
-ResLoRA training state are kept under ``runs/`` (``merge_fidelity.py`` reads them).
+Protocol, so that nothing is selected on the seeds that are reported:
+1. Tuning: every arm at every learning rate of ``--lrs`` (a factor-sqrt(2) grid) on ``--tune_seeds``.
+   An arm's best rate is the lowest mean export loss over the tuning seeds. While it is at an edge of
+   the grid, the grid is extended by one sqrt(2) step on that side for that arm (``--max_extend``
+   times); a best rate still at an edge is flagged in the table. The anneal window is chosen the same
+   way: the windows of one structure form a family and the best (window, rate) is kept.
+2. Evaluation: each selected arm at its rate on the fresh ``--eval_seeds``, with the export's curve
+   over steps. LoRA also runs at its rate / sqrt(2) and x sqrt(2) on those seeds: "LoRA oracle" is
+   LoRA's best of the three per seed, which no honest tuning can beat.
+3. Per arm: the export loss minus LoRA's on the same seed, mean and standard error, and the number of
+   seeds where the arm is better; the same against the oracle.
+
+Writes to ``--out``: ``runs.csv`` (every run), ``curves.csv`` (evaluation runs), ``results.md`` (also
+printed), ``export_curve.png`` (export loss over steps) and ``lr_sweep.png`` (tuning).
 """
 
 from __future__ import annotations
@@ -39,8 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sd_bench as bench  # noqa: E402
 
-QUICK = dict(arms=["lora", "is", "bs1", "ms1"], seeds=[0, 1], steps=100, eval_every=10, sample_every=50)
-FULL = dict(arms=list(bench.ARMS), seeds=[0, 1, 2], steps=200, eval_every=20, sample_every=100)
+SQRT2 = math.sqrt(2.0)
+FULL = dict(arms=["lora", "is", "ms-1", "bs-1", "is-d59", "is-d38", "ms-1-d59", "ms-1-d38", "is-m6", "ms-1-m6"],
+            lrs=[1e-2 / SQRT2, 1e-2, 1e-2 * SQRT2, 2e-2], tune_seeds=[100, 101], eval_seeds=[0, 1, 2, 3, 4],
+            steps=100, eval_every=20, max_extend=2)
+QUICK = dict(arms=["lora", "is", "is-d59", "ms-1-d59"], lrs=[1e-2 / SQRT2, 1e-2, 1e-2 * SQRT2],
+             tune_seeds=[100], eval_seeds=[0, 1], steps=60, eval_every=20, max_extend=0)
 
 _CTX = None
 
@@ -54,14 +66,14 @@ def _work(task: dict) -> dict:
     arm = bench.ARMS[task["arm"]]
     t0 = time.time()
     result = bench.train_run(_CTX, arm, task["lr"], task["seed"], task["steps"], batch_size=task["batch_size"],
-                             eval_every=task["eval_every"], sample_every=task["sample_every"], rank=task["rank"],
-                             run_dir=Path(task["run_dir"]), sample_inference_steps=task["sample_inference_steps"])
+                             eval_every=task["eval_every"], rank=task["rank"], export_curve=task["export_curve"])
     result["wall_seconds"] = time.time() - t0
+    result["phase"] = task["phase"]
     return result
 
 
 def run_name(arm: str, lr: float, seed: int) -> str:
-    return f"{arm}_lr{lr:g}_seed{seed}"
+    return f"{arm}_lr{lr:.4g}_seed{seed}"
 
 
 def run_tasks(tasks: list[dict], jobs: int, threads: int, log) -> list[dict]:
@@ -81,105 +93,122 @@ def run_tasks(tasks: list[dict], jobs: int, threads: int, log) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------- reporting
-def mean_std(xs) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+def export_loss(r: dict) -> float:
+    """Held-out loss of the plain LoRA the run exports (inf if the run diverged)."""
+    v = r["final"].get("held_out_loss_merged", float("nan"))
+    return v if math.isfinite(v) else float("inf")
 
 
-def fmt(m, s, digits=4) -> str:
-    return "n/a" if not math.isfinite(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+def mean_se(xs) -> tuple[float, float]:
+    xs = np.asarray(xs, dtype=float)
+    return float(xs.mean()), float(xs.std(ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0
 
 
-def steps_to_reach(curve: list[dict], threshold: float):
-    for row in curve:
-        if row["step"] > 0 and row["held_out_loss"] <= threshold:
-            return row["step"]
-    return None
+def grid_step(lr: float, k: int) -> float:
+    return lr * SQRT2 ** k
 
 
-def summarize(selected: dict[str, list[dict]], best_lr: dict[str, float], sweep: dict) -> tuple[list[dict], str]:
-    lora_final = mean_std([r["final"]["held_out_loss"] for r in selected["lora"]])[0] if "lora" in selected else None
-    lora_time = np.mean([r["final"]["train_seconds_per_step"] for r in selected["lora"]]) if "lora" in selected else None
-    rows = []
-    for key, runs in selected.items():
-        arm = bench.ARMS[key]
-        reach = [steps_to_reach(r["curve"], lora_final) for r in runs] if lora_final is not None else []
-        reached = [s for s in reach if s is not None]
-        styles = [r["curve"][-1]["style_score"] for r in runs]
-        sec = float(np.mean([r["final"]["train_seconds_per_step"] for r in runs]))
-        rows.append({
-            "arm": key, "label": arm.label, "best_lr": best_lr[key], "seeds": len(runs),
-            "held_out": mean_std([r["final"]["held_out_loss"] for r in runs]),
-            "held_out_merged": mean_std([r["final"].get("held_out_loss_merged") for r in runs]),
-            "merge_error": mean_std([r["final"].get("merge_relative_error") for r in runs]),
-            "style": mean_std(styles),
-            "reach_mean": float(np.mean(reached)) if reached else None, "reached": len(reached),
-            "sec_per_step": sec, "time_ratio": sec / lora_time if lora_time else None,
-            "sweep": {lr: r["final"]["held_out_loss"] for lr, r in sweep[key].items()},
-        })
-    lines = [
-        "| arm | best LR | final held-out loss | merged held-out loss | steps to LoRA's final held-out loss | "
-        "final style score | merge error | s/step (× LoRA) |",
-        "|---|---|---|---|---|---|---|---|",
+def tune(arms, lrs, tune_seeds, run, max_extend: int):
+    """Runs the tuning grid; returns ({arm: {lr: mean export loss}}, {arm: best lr}, {arm: at_edge})."""
+    results = {a.key: {} for a in arms}
+
+    def add(tasks):
+        for r in run(tasks):
+            results[r["arm"]].setdefault(r["lr"], []).append(r)
+
+    add([(a, lr, s) for a in arms for lr in lrs for s in tune_seeds])
+    mean = lambda key, lr: float(np.mean([export_loss(r) for r in results[key][lr]]))  # noqa: E731
+    for _ in range(max_extend):
+        extra = []
+        for a in arms:
+            grid = sorted(results[a.key])
+            best = min(grid, key=lambda lr: mean(a.key, lr))
+            if best == grid[0]:
+                extra += [(a, grid_step(grid[0], -1), s) for s in tune_seeds]
+            elif best == grid[-1]:
+                extra += [(a, grid_step(grid[-1], 1), s) for s in tune_seeds]
+        if not extra:
+            break
+        add(extra)
+    losses = {k: {lr: mean(k, lr) for lr in by_lr} for k, by_lr in results.items()}
+    best = {k: min(by_lr, key=by_lr.get) for k, by_lr in losses.items()}
+    edge = {k: best[k] in (min(losses[k]), max(losses[k])) for k in losses}
+    return losses, best, edge, results
+
+
+def select_families(arms, losses, best):
+    """One arm per family: the anneal window with the lowest tuned loss."""
+    chosen = {}
+    for a in arms:
+        cur = chosen.get(a.family)
+        if cur is None or losses[a.key][best[a.key]] < losses[cur.key][best[cur.key]]:
+            chosen[a.family] = a
+    return list(chosen.values())
+
+
+def paired_table(eval_runs, selected, best, edge, lora_oracle) -> tuple[list[dict], str]:
+    by = {(r["arm"], r["seed"]): r for r in eval_runs if r["lr"] == best[r["arm"]]}
+    seeds = sorted({s for (_, s) in by})
+    lora = {s: export_loss(by[("lora", s)]) for s in seeds}
+    rows, lines = [], [
+        "| arm | LR (tuned) | exported LoRA held-out loss | vs tuned LoRA: mean ± SE (better in) | "
+        "vs LoRA oracle: mean ± SE (better in) | as trained (unmerged) | merge error |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        reach = "not reached" if r["reach_mean"] is None else f"{r['reach_mean']:.0f} ({r['reached']}/{r['seeds']} seeds)"
-        ratio = f" ({r['time_ratio']:.2f}×)" if r["time_ratio"] else ""
+    for a in selected:
+        runs = [by[(a.key, s)] for s in seeds]
+        exp = [export_loss(r) for r in runs]
+        diff = [e - lora[s] for e, s in zip(exp, seeds)]
+        odiff = [e - lora_oracle[s] for e, s in zip(exp, seeds)]
+        row = {"arm": a.key, "label": a.label, "lr": best[a.key], "at_edge": edge[a.key], "export": mean_se(exp),
+               "vs_lora": mean_se(diff), "wins": sum(d < 0 for d in diff), "vs_oracle": mean_se(odiff),
+               "oracle_wins": sum(d < 0 for d in odiff), "trained": mean_se([r["final"]["held_out_loss"] for r in runs]),
+               "merge_error": float(np.mean([r["final"].get("merge_relative_error", 0.0) for r in runs])),
+               "per_seed_diff": dict(zip(seeds, diff))}
+        rows.append(row)
+        flag = " (**edge**)" if row["at_edge"] else ""
+        vs = "—" if a.key == "lora" else (f"{row['vs_lora'][0]:+.4f} ± {row['vs_lora'][1]:.4f} "
+                                          f"({row['wins']}/{len(seeds)})")
         lines.append(
-            f"| {r['label']} | {r['best_lr']:g} | {fmt(*r['held_out'])} | {fmt(*r['held_out_merged'])} | {reach} | "
-            f"{fmt(*r['style'], digits=3)} | {fmt(*r['merge_error'], digits=3)} | {r['sec_per_step']:.3f}{ratio} |"
+            f"| {a.label} | {row['lr']:.4g}{flag} | {row['export'][0]:.4f} ± {row['export'][1]:.4f} | {vs} | "
+            f"{row['vs_oracle'][0]:+.4f} ± {row['vs_oracle'][1]:.4f} ({row['oracle_wins']}/{len(seeds)}) | "
+            f"{row['trained'][0]:.4f} | {row['merge_error']:.3g} |"
         )
-    lines += ["", "LR sweep (seed 0, final held-out loss of the model as trained):", "",
-              "| arm | " + " | ".join(f"lr {lr:g}" for lr in sorted(rows[0]["sweep"])) + " |",
-              "|---|" + "---|" * len(rows[0]["sweep"])]
-    for r in rows:
-        lines.append(f"| {r['label']} | " + " | ".join(f"{r['sweep'][lr]:.4f}" for lr in sorted(r["sweep"])) + " |")
+    if any(r["at_edge"] for r in rows):
+        lines += ["", "**WARNING**: an arm's best learning rate is at an edge of its grid (marked): its optimum is "
+                      "not bracketed."]
     return rows, "\n".join(lines)
 
 
-def plot_curves(selected: dict[str, list[dict]], metric: str, ylabel: str, path: Path, title: str):
+def sweep_table(losses: dict, labels: dict) -> str:
+    lrs = sorted({lr for by_lr in losses.values() for lr in by_lr})
+    lines = ["| arm | " + " | ".join(f"{lr:.4g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for key, by_lr in losses.items():
+        best = min(by_lr, key=by_lr.get)
+        cells = [("**%.4f**" if lr == best else "%.4f") % by_lr[lr] if lr in by_lr else "" for lr in lrs]
+        lines.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_export_curves(eval_runs, selected, best, path: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
-    for key, runs in selected.items():
-        steps = [row["step"] for row in runs[0]["curve"] if row.get(metric) is not None]
-        if not steps:
-            continue
-        values = np.array([[next(row[metric] for row in r["curve"] if row["step"] == s) for s in steps] for r in runs],
-                          dtype=float)
-        mean = np.nanmean(values, axis=0)
-        line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{bench.ARMS[key].label} (n={len(runs)})",
-                        ls="-" if key == "lora" else "--", lw=2.2 if key == "lora" else 1.3)
-        ax.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(), alpha=0.15)
+    for a in selected:
+        runs = [r for r in eval_runs if r["arm"] == a.key and r["lr"] == best[a.key]]
+        steps = [row["step"] for row in runs[0]["curve"] if row["step"] > 0]
+        values = np.array([[row["held_out_loss_export"] for row in r["curve"] if row["step"] > 0] for r in runs])
+        mean = values.mean(axis=0)
+        line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{a.label} (lr {best[a.key]:.3g})",
+                        ls="-" if a.key == "lora" else "--", lw=2.2 if a.key == "lora" else 1.3)
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.12)
     ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_sweep(sweep: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for key, by_lr in sweep.items():
-        lrs = sorted(by_lr)
-        ax.plot(lrs, [by_lr[lr]["final"]["held_out_loss"] for lr in lrs], marker="o", label=bench.ARMS[key].label,
-                lw=2.2 if key == "lora" else 1.2)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("final held-out loss (seed 0)")
+    ax.set_ylabel("held-out loss of the exported plain LoRA")
+    ax.set_title(f"export at each step, mean and min-max over {len(runs)} evaluation seeds", fontsize=10)
+    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -187,116 +216,118 @@ def plot_sweep(sweep: dict, path: Path):
     plt.close(fig)
 
 
-def write_csvs(out: Path, results: list[dict], selected_names: set):
-    with open(out / "curves.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["arm", "label", "lr", "seed", "step", "train_loss", "held_out_loss", "style_score"])
-        for r in results:
-            for row in r["curve"]:
-                w.writerow([r["arm"], bench.ARMS[r["arm"]].label, r["lr"], r["seed"], row["step"],
-                            row["train_loss"], row["held_out_loss"], row["style_score"]])
+def plot_sweep(losses: dict, labels: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    for key, by_lr in losses.items():
+        lrs = sorted(by_lr)
+        ax.plot(lrs, [by_lr[lr] for lr in lrs], marker="o", label=labels[key], lw=2.2 if key == "lora" else 1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("export held-out loss (mean of tuning seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_csvs(out: Path, results: list[dict]):
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["arm", "label", "lr", "seed", "selected", "final_held_out_loss", "final_held_out_loss_merged",
-                    "merge_relative_error", "final_style_score", "train_seconds_per_step", "wall_seconds"])
+        w.writerow(["phase", "arm", "label", "lr", "seed", "held_out_loss_trained", "held_out_loss_export",
+                    "merge_relative_error", "train_seconds_per_step", "wall_seconds"])
         for r in results:
             fin = r["final"]
-            w.writerow([r["arm"], bench.ARMS[r["arm"]].label, r["lr"], r["seed"],
-                        run_name(r["arm"], r["lr"], r["seed"]) in selected_names, fin["held_out_loss"],
-                        fin.get("held_out_loss_merged"), fin.get("merge_relative_error"), r["curve"][-1]["style_score"],
+            w.writerow([r["phase"], r["arm"], bench.ARMS[r["arm"]].label, r["lr"], r["seed"], fin["held_out_loss"],
+                        fin.get("held_out_loss_merged"), fin.get("merge_relative_error"),
                         fin["train_seconds_per_step"], round(r["wall_seconds"], 1)])
+    with open(out / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arm", "lr", "seed", "step", "train_loss", "held_out_loss_trained", "held_out_loss_export"])
+        for r in results:
+            if r["phase"] == "eval":
+                for row in r["curve"]:
+                    w.writerow([r["arm"], r["lr"], r["seed"], row["step"], row["train_loss"], row["held_out_loss"],
+                                row.get("held_out_loss_export")])
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="4 arms, 2 seeds, 100 steps (<= 10 min on 2 cores)")
-    ap.add_argument("--arms", nargs="+", default=None, help=f"arms (default: all; quick: {QUICK['arms']})")
-    ap.add_argument("--lrs", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3], help="learning-rate sweep")
-    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds; the first one runs the sweep")
+    ap.add_argument("--quick", action="store_true", help="4 arms, 3 LRs, 1 tuning + 2 evaluation seeds, 60 steps")
+    ap.add_argument("--arms", nargs="+", default=None, help=f"arms (default {FULL['arms']}; all: {list(bench.ARMS)})")
+    ap.add_argument("--lrs", nargs="+", type=float, default=None, help="starting learning-rate grid")
+    ap.add_argument("--tune_seeds", nargs="+", type=int, default=None)
+    ap.add_argument("--eval_seeds", nargs="+", type=int, default=None)
+    ap.add_argument("--max_extend", type=int, default=None, help="grid extensions per side while a best LR is at an edge")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--eval_every", type=int, default=None)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--eval_every", type=int, default=None)
-    ap.add_argument("--sample_every", type=int, default=None)
-    ap.add_argument("--sample_inference_steps", type=int, default=20, help="DDIM steps per sample")
     ap.add_argument("--jobs", type=int, default=2, help="parallel worker processes (one torch thread each)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/sd_convergence[_quick]")
     args = ap.parse_args(argv)
     preset = QUICK if args.quick else FULL
-    for key in ("arms", "seeds", "steps", "eval_every", "sample_every"):
+    for key in ("arms", "lrs", "tune_seeds", "eval_seeds", "max_extend", "steps", "eval_every"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     arms = bench.parse_arms(args.arms)
     if "lora" not in args.arms:
         raise SystemExit("--arms must include lora (the reference).")
-    if args.sample_every and (args.steps % args.sample_every or args.sample_every % args.eval_every):
-        raise SystemExit("--sample_every must divide --steps (the final step is sampled) and be a multiple of "
-                         "--eval_every (samples are drawn at evaluations).")
+    if set(args.tune_seeds) & set(args.eval_seeds):
+        raise SystemExit("--tune_seeds and --eval_seeds must differ: nothing is selected on the reported seeds.")
     out = args.out or bench.ROOT / "benchmarks" / "results" / ("sd_convergence_quick" if args.quick else "sd_convergence")
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-
-    def task(arm, lr, seed):
-        return dict(arm=arm.key, lr=lr, seed=seed, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
-                    eval_every=args.eval_every, sample_every=args.sample_every,
-                    sample_inference_steps=args.sample_inference_steps,
-                    run_dir=str(out / "runs" / run_name(arm.key, lr, seed)))
+    all_results = []
 
     def log(r, i, n):
         fin = r["final"]
-        print(f"[{time.time() - start:6.0f}s] {i}/{n} {run_name(r['arm'], r['lr'], r['seed'])}: held-out "
-              f"{fin['held_out_loss']:.4f} (merged {fin.get('held_out_loss_merged', float('nan')):.4f}), style "
-              f"{r['curve'][-1]['style_score']}, {fin['train_seconds_per_step']:.3f} s/step", flush=True)
+        print(f"[{time.time() - start:6.0f}s] {r['phase']} {i}/{n} {run_name(r['arm'], r['lr'], r['seed'])}: "
+              f"trained {fin['held_out_loss']:.4f}, export {fin.get('held_out_loss_merged', float('nan')):.4f}, "
+              f"{fin['train_seconds_per_step']:.3f} s/step", flush=True)
 
-    first, rest = args.seeds[0], args.seeds[1:]
-    print(f"sweep: {len(arms)} arms x {len(args.lrs)} LRs, seed {first}, {args.steps} steps", flush=True)
-    sweep_results = run_tasks([task(a, lr, first) for a in arms for lr in args.lrs], args.jobs, args.threads, log)
-    sweep = {a.key: {} for a in arms}
-    for r in sweep_results:
-        sweep[r["arm"]][r["lr"]] = r
+    def run(triples, phase="tune"):
+        tasks = [dict(arm=a.key, lr=lr, seed=s, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
+                      eval_every=args.eval_every, export_curve=phase == "eval", phase=phase) for a, lr, s in triples]
+        results = run_tasks(tasks, args.jobs, args.threads, log)
+        all_results.extend(results)
+        return results
 
-    def final_loss(r):
-        v = r["final"]["held_out_loss"]
-        return v if math.isfinite(v) else float("inf")
+    print(f"tuning: {len(arms)} arms x {len(args.lrs)} LRs x seeds {args.tune_seeds}, {args.steps} steps", flush=True)
+    losses, best, edge, _ = tune(arms, args.lrs, args.tune_seeds, run, args.max_extend)
+    selected = select_families(arms, losses, best)
+    print("selected:", json.dumps({a.key: best[a.key] for a in selected}), flush=True)
+    lora_lrs = [grid_step(best["lora"], k) for k in (-1, 0, 1)]
+    triples = [(a, best[a.key], s) for a in selected for s in args.eval_seeds]
+    triples += [(bench.ARMS["lora"], lr, s) for lr in lora_lrs if lr != best["lora"] for s in args.eval_seeds]
+    eval_runs = run(triples, phase="eval")
+    lora_oracle = {s: min(export_loss(r) for r in eval_runs if r["arm"] == "lora" and r["seed"] == s)
+                   for s in args.eval_seeds}
 
-    best_lr = {key: min(by_lr.values(), key=final_loss)["lr"] for key, by_lr in sweep.items()}
-    print("best learning rates:", json.dumps(best_lr), flush=True)
-    seed_results = run_tasks([task(a, best_lr[a.key], s) for a in arms for s in rest], args.jobs, args.threads, log)
-
-    selected = {a.key: [sweep[a.key][best_lr[a.key]]] + [r for r in seed_results if r["arm"] == a.key] for a in arms}
-    selected_names = {run_name(r["arm"], r["lr"], r["seed"]) for runs in selected.values() for r in runs}
-    all_results = sweep_results + seed_results
-    write_csvs(out, all_results, selected_names)
-    rows, table = summarize(selected, best_lr, sweep)
-    (out / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
-
-    n_seeds = len(args.seeds)
-    plot_curves(selected, "held_out_loss", "held-out denoising loss (v-pred MSE)", out / "held_out_loss.png",
-                f"held-out loss, best LR per arm, mean and min-max over {n_seeds} seeds")
-    plot_curves(selected, "train_loss", "training loss (mean over interval)", out / "train_loss.png",
-                f"training loss, best LR per arm, mean and min-max over {n_seeds} seeds")
-    plot_curves(selected, "style_score", "style score of merged-model samples", out / "style_score.png",
-                f"style score (6 samples), best LR per arm, mean and min-max over {n_seeds} seeds")
-    plot_sweep(sweep, out / "lr_sweep.png")
-
-    reslora = [r for r in rows if r["arm"] != "lora"]
-    best = min(reslora, key=lambda r: r["held_out"][0] if math.isfinite(r["held_out"][0]) else float("inf"))
-    sys.path.insert(0, str(bench.ROOT / "examples"))
-    from generate_progress_grid import build_grid
-
-    grid = build_grid([out / "runs" / run_name("lora", best_lr["lora"], first),
-                       out / "runs" / run_name(best["arm"], best_lr[best["arm"]], first)],
-                      ["LoRA", best["label"]], seed=0)
-    grid.save(out / "comparison_grid.png")
+    labels = {a.key: a.label for a in arms}
+    rows, table = paired_table(eval_runs, selected, best, edge, lora_oracle)
+    write_csvs(out, all_results)
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "tuning": {k: {str(lr): v for lr, v in by.items()}
+                                                                           for k, by in losses.items()}},
+                                                 indent=2, default=str))
+    plot_export_curves(eval_runs, selected, best, out / "export_curve.png")
+    plot_sweep(losses, labels, out / "lr_sweep.png")
 
     elapsed = time.time() - start
-    header = (f"{'Quick' if args.quick else 'Full'} run: {len(arms)} arms, LRs {args.lrs}, seeds {args.seeds}, "
-              f"{args.steps} steps of batch {args.batch_size}, rank {args.rank}; {len(all_results)} runs in "
-              f"{elapsed / 60:.1f} min with {args.jobs} worker(s) x {args.threads} thread(s).\n"
-              f"Held-out loss: v-prediction MSE on 64 fixed (image, noise, timestep) triples. Style score: 6 samples "
-              f"(3 prompts x 2 seeds) of the merged model. Mean ± std over seeds at each arm's best LR.\n")
-    md = header + "\n" + table + "\n"
+    header = (f"{'Quick' if args.quick else 'Full'} run: {len(arms)} arms, {args.steps} steps of batch {args.batch_size}, "
+              f"rank {args.rank}; tuning seeds {args.tune_seeds}, evaluation seeds {args.eval_seeds}; "
+              f"{len(all_results)} runs in {elapsed / 60:.1f} min with {args.jobs} worker(s) x {args.threads} "
+              f"thread(s).\nExport loss: held-out v-prediction MSE of the exported plain LoRA. LoRA oracle: LoRA's best "
+              f"of LR {', '.join(f'{lr:.4g}' for lr in lora_lrs)} per evaluation seed. Differences are arm minus LoRA "
+              "on the same seed (negative: the arm's export is better).\n")
+    md = (header + "\n" + table + "\n\nTuning (export loss, mean of tuning seeds; best in bold):\n\n"
+          + sweep_table(losses, labels) + "\n")
     (out / "results.md").write_text(md)
     print("\n" + md)
     print(f"wrote {out}")
