@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reslora_diffusers import ResLoRAConfig, get_controller, inject_reslora, merged_view
+from reslora_diffusers import ResLoRAConfig, ShortcutSchedule, get_controller, inject_reslora, merged_view
 from reslora_diffusers.config import MERGE_METHODS, STRUCTURES
 from reslora_diffusers.distributed import (
     UnsupportedDistributedMode,
@@ -44,7 +44,9 @@ from reslora_diffusers.sd_run import (
     export_run,
     merge_unet,
     save_calibration,
+    split_calibration,
     step_dir_name,
+    unet_forward,
     write_model_card,
 )
 
@@ -102,7 +104,13 @@ def parse_args(input_args=None):
                    "bi/bw are the paper's.")
     g.add_argument("--merge_window", type=int, default=50, help="Window of activation norms for the bi merge.")
     g.add_argument("--calibration_batches", type=int, default=4,
-                   help="Fixed batches kept to fit the ls merge (half) and measure merge error (half).")
+                   help="Fixed batches kept to fit the ls merge (half) and measure merge error (half, other images).")
+    g.add_argument("--shortcut_decay", type=float, nargs=2, default=None, metavar=("START", "END"),
+                   help="Anneal the shortcuts: their weight is 1 until fraction START of training, falls (cosine) to "
+                   "0 at END and stays 0, so the export is exact plain LoRA. E.g. 0.5 0.9.")
+    g.add_argument("--merge_at", type=float, default=None, metavar="F",
+                   help="is/ms: at fraction F of training merge the shortcuts in place (--merge method) and train on "
+                   "as plain LoRA, so the export is exact. Not with DeepSpeed.")
 
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default="reslora-model")
@@ -176,6 +184,7 @@ def fill_defaults(args):
         args.reslora_config = ResLoRAConfig(
             structure=args.reslora_structure, pre_num=args.pre_num, r=args.rank, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, target_modules=list(TARGET_MODULES), merge_window=args.merge_window,
+            shortcut_decay=tuple(args.shortcut_decay) if args.shortcut_decay else None, merge_at=args.merge_at,
         )
     except ValueError as err:
         raise TrainingError(str(err)) from err
@@ -497,7 +506,7 @@ def save_checkpoint(accelerator, args, step):
 # ----------------------------------------------------------------------------------------- main
 def main(args):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
     from tqdm.auto import tqdm
@@ -516,6 +525,11 @@ def main(args):
         mode = check_training_setup(accelerator, args.gradient_accumulation_steps, args.max_grad_norm)
     except UnsupportedDistributedMode as err:
         raise TrainingError(str(err)) from err
+    if args.merge_at is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise TrainingError(
+            "--merge_at resets the optimizer moments of the merged factors, which DeepSpeed keeps in its own "
+            "partitions. Use --shortcut_decay under DeepSpeed, or train with DDP."
+        )
     accelerator.print(f"Training mode: {mode}, {accelerator.num_processes} process(es), device {accelerator.device}")
     set_seed(args.seed)
 
@@ -606,6 +620,10 @@ def main(args):
             first_epoch = global_step // updates_per_epoch
             resume_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
+    # lambda for each step, and merge_at's in-place merge (on every rank, on the same fit half)
+    schedule = ShortcutSchedule(accelerator.unwrap_model(unet), args.max_train_steps, optimizer, args.merge,
+                                split_calibration(calibration)[0], unet_forward)
+    schedule.update(global_step)
     sampler_obj = Sampler(args, accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler) if accelerator.is_main_process else None
     if sampler_obj is not None and global_step == 0:
         sampler_obj.snapshot(0, calibration)
@@ -661,8 +679,11 @@ def main(args):
                         "--max_grad_norm, or use --mixed_precision bf16/no instead of fp16."
                     )
                 global_step += 1
+                lam = schedule.update(global_step)  # before checkpoint and samples: the state after this step
                 progress.update(1)
                 logs = {"loss": step_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+                if args.shortcut_decay or args.merge_at:
+                    logs["shortcut_scale"] = lam
                 progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
                 accelerator.log(logs, step=global_step)
                 if global_step % args.checkpointing_steps == 0:
@@ -702,11 +723,13 @@ def main(args):
         save_training_state(model, args.output_dir, extra=run_info)
         model.eval()
         report = export_run(model, args.output_dir, args.merge, calibration,
-                            extra={"steps": global_step, "train_seconds": round(elapsed, 1), "skipped_images": len(bad_images)})
+                            extra={"steps": global_step, "train_seconds": round(elapsed, 1), "skipped_images": len(bad_images),
+                                   "merge_at_report": schedule.merge_report})
         write_model_card(args.output_dir, {
             "base_model": model_path, "dataset": run_info["dataset"],
             "structure": args.reslora_structure, "pre_num": args.pre_num, "rank": args.rank,
-            "lora_alpha": args.lora_alpha, "merge": args.merge if args.reslora_structure in ("is", "ms") else "exact",
+            "lora_alpha": args.lora_alpha, "merge": report["method"], "shortcut_decay": args.shortcut_decay,
+            "merge_at": args.merge_at,
             "steps": global_step, "resolution": args.resolution, "learning_rate": args.learning_rate, "seed": args.seed,
             "held_out_error": report.get("held_out", {}).get("relative_output_error"),
             "example_prompt": sampler_obj.prompts[0],
@@ -793,29 +816,34 @@ def diffusion_loss(args, batch, vae, text_encoder, unet, noise_scheduler, weight
 
 @torch.no_grad()
 def build_calibration(args, dataset, vae, text_encoder, noise_scheduler, accelerator, weight_dtype):
-    """Fixed UNet inputs from the first examples with fixed noise and spread timesteps."""
-    batches, index = [], 0
+    """Fixed UNet inputs: the first half of the batches fits the ls merge, the second half measures merge error.
+
+    The halves use different images (fit: the first readable examples; held out: the next ones), and in
+    each half the timesteps are stratified over the whole range [0, num_train_timesteps), interleaved so
+    that every batch spans it. Noise is fixed by the seed.
+    """
     g = torch.Generator(device=accelerator.device).manual_seed(args.seed + 12345)
     size = max(1, min(args.train_batch_size, 4))
-    for b in range(args.calibration_batches):
-        examples = []
-        while len(examples) < size and index < len(dataset):
-            e = dataset[index]
-            index += 1
-            if "bad_index" not in e:
-                examples.append(e)
-        if not examples:
-            break
-        batch = collate(examples)
-        pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
-        latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
-        steps = noise_scheduler.config.num_train_timesteps
-        timesteps = torch.linspace(steps * (b + 0.5) / (args.calibration_batches + 1), steps - 1, len(examples)).long()
-        timesteps = timesteps.to(accelerator.device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
-        batches.append((noisy.float().cpu(), timesteps.cpu(), hidden.float().cpu()))
+    readable = (e for e in (dataset[i] for i in range(len(dataset))) if "bad_index" not in e)
+    halves = [args.calibration_batches // 2, args.calibration_batches - args.calibration_batches // 2]  # as split
+    steps = noise_scheduler.config.num_train_timesteps
+    batches = []
+    for num_batches in halves:
+        examples = [e for _, e in zip(range(num_batches * size), readable)]
+        groups = [examples[i::num_batches] for i in range(num_batches)]  # batch b holds inputs b, b + n, ...
+        count = len(examples)
+        for b, group in enumerate(groups):
+            if not group:
+                continue
+            batch = collate(group)
+            pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
+            latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+            strata = torch.arange(b, count, num_batches, dtype=torch.float64)  # this batch's inputs in the half
+            timesteps = ((strata + 0.5) * steps / count).long().clamp_(0, steps - 1).to(accelerator.device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            hidden = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+            batches.append((noisy.float().cpu(), timesteps.cpu(), hidden.float().cpu()))
     return batches
 
 

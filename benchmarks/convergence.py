@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -46,8 +45,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sd_bench as bench  # noqa: E402
+from _tuning import SQRT2, Metric, evaluation_triples, grid_step, paired_table, select_families, sweep_table, tune  # noqa: E402,E501
 
-SQRT2 = math.sqrt(2.0)
 FULL = dict(arms=["lora", "is", "ms-1", "bs-1", "is-d59", "is-d38", "ms-1-d59", "ms-1-d38", "is-m6", "ms-1-m6"],
             lrs=[1e-2 / SQRT2, 1e-2, 1e-2 * SQRT2, 2e-2], tune_seeds=[100, 101], eval_seeds=[0, 1, 2, 3, 4],
             steps=100, eval_every=20, max_extend=2)
@@ -93,101 +92,12 @@ def run_tasks(tasks: list[dict], jobs: int, threads: int, log) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------- reporting
-def export_loss(r: dict) -> float:
-    """Held-out loss of the plain LoRA the run exports (inf if the run diverged)."""
-    v = r["final"].get("held_out_loss_merged", float("nan"))
-    return v if math.isfinite(v) else float("inf")
-
-
-def mean_se(xs) -> tuple[float, float]:
-    xs = np.asarray(xs, dtype=float)
-    return float(xs.mean()), float(xs.std(ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0
-
-
-def grid_step(lr: float, k: int) -> float:
-    return lr * SQRT2 ** k
-
-
-def tune(arms, lrs, tune_seeds, run, max_extend: int):
-    """Runs the tuning grid; returns ({arm: {lr: mean export loss}}, {arm: best lr}, {arm: at_edge})."""
-    results = {a.key: {} for a in arms}
-
-    def add(tasks):
-        for r in run(tasks):
-            results[r["arm"]].setdefault(r["lr"], []).append(r)
-
-    add([(a, lr, s) for a in arms for lr in lrs for s in tune_seeds])
-    mean = lambda key, lr: float(np.mean([export_loss(r) for r in results[key][lr]]))  # noqa: E731
-    for _ in range(max_extend):
-        extra = []
-        for a in arms:
-            grid = sorted(results[a.key])
-            best = min(grid, key=lambda lr: mean(a.key, lr))
-            if best == grid[0]:
-                extra += [(a, grid_step(grid[0], -1), s) for s in tune_seeds]
-            elif best == grid[-1]:
-                extra += [(a, grid_step(grid[-1], 1), s) for s in tune_seeds]
-        if not extra:
-            break
-        add(extra)
-    losses = {k: {lr: mean(k, lr) for lr in by_lr} for k, by_lr in results.items()}
-    best = {k: min(by_lr, key=by_lr.get) for k, by_lr in losses.items()}
-    edge = {k: best[k] in (min(losses[k]), max(losses[k])) for k in losses}
-    return losses, best, edge, results
-
-
-def select_families(arms, losses, best):
-    """One arm per family: the anneal window with the lowest tuned loss."""
-    chosen = {}
-    for a in arms:
-        cur = chosen.get(a.family)
-        if cur is None or losses[a.key][best[a.key]] < losses[cur.key][best[cur.key]]:
-            chosen[a.family] = a
-    return list(chosen.values())
-
-
-def paired_table(eval_runs, selected, best, edge, lora_oracle) -> tuple[list[dict], str]:
-    by = {(r["arm"], r["seed"]): r for r in eval_runs if r["lr"] == best[r["arm"]]}
-    seeds = sorted({s for (_, s) in by})
-    lora = {s: export_loss(by[("lora", s)]) for s in seeds}
-    rows, lines = [], [
-        "| arm | LR (tuned) | exported LoRA held-out loss | vs tuned LoRA: mean ± SE (better in) | "
-        "vs LoRA oracle: mean ± SE (better in) | as trained (unmerged) | merge error |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for a in selected:
-        runs = [by[(a.key, s)] for s in seeds]
-        exp = [export_loss(r) for r in runs]
-        diff = [e - lora[s] for e, s in zip(exp, seeds)]
-        odiff = [e - lora_oracle[s] for e, s in zip(exp, seeds)]
-        row = {"arm": a.key, "label": a.label, "lr": best[a.key], "at_edge": edge[a.key], "export": mean_se(exp),
-               "vs_lora": mean_se(diff), "wins": sum(d < 0 for d in diff), "vs_oracle": mean_se(odiff),
-               "oracle_wins": sum(d < 0 for d in odiff), "trained": mean_se([r["final"]["held_out_loss"] for r in runs]),
-               "merge_error": float(np.mean([r["final"].get("merge_relative_error", 0.0) for r in runs])),
-               "per_seed_diff": dict(zip(seeds, diff))}
-        rows.append(row)
-        flag = " (**edge**)" if row["at_edge"] else ""
-        vs = "—" if a.key == "lora" else (f"{row['vs_lora'][0]:+.4f} ± {row['vs_lora'][1]:.4f} "
-                                          f"({row['wins']}/{len(seeds)})")
-        lines.append(
-            f"| {a.label} | {row['lr']:.4g}{flag} | {row['export'][0]:.4f} ± {row['export'][1]:.4f} | {vs} | "
-            f"{row['vs_oracle'][0]:+.4f} ± {row['vs_oracle'][1]:.4f} ({row['oracle_wins']}/{len(seeds)}) | "
-            f"{row['trained'][0]:.4f} | {row['merge_error']:.3g} |"
-        )
-    if any(r["at_edge"] for r in rows):
-        lines += ["", "**WARNING**: an arm's best learning rate is at an edge of its grid (marked): its optimum is "
-                      "not bracketed."]
-    return rows, "\n".join(lines)
-
-
-def sweep_table(losses: dict, labels: dict) -> str:
-    lrs = sorted({lr for by_lr in losses.values() for lr in by_lr})
-    lines = ["| arm | " + " | ".join(f"{lr:.4g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-    for key, by_lr in losses.items():
-        best = min(by_lr, key=by_lr.get)
-        cells = [("**%.4f**" if lr == best else "%.4f") % by_lr[lr] if lr in by_lr else "" for lr in lrs]
-        lines.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+EXPORT = Metric(
+    "exported LoRA held-out loss",
+    value=lambda r: r["final"].get("held_out_loss_merged", float("nan")),
+    trained=lambda r: r["final"]["held_out_loss"],
+    merge_error=lambda r: r["final"].get("merge_relative_error", 0.0),
+)
 
 
 def plot_export_curves(eval_runs, selected, best, path: Path):
@@ -300,18 +210,14 @@ def main(argv=None):
         return results
 
     print(f"tuning: {len(arms)} arms x {len(args.lrs)} LRs x seeds {args.tune_seeds}, {args.steps} steps", flush=True)
-    losses, best, edge, _ = tune(arms, args.lrs, args.tune_seeds, run, args.max_extend)
+    losses, best, edge = tune(arms, args.lrs, args.tune_seeds, run, EXPORT, args.max_extend)
     selected = select_families(arms, losses, best)
     print("selected:", json.dumps({a.key: best[a.key] for a in selected}), flush=True)
     lora_lrs = [grid_step(best["lora"], k) for k in (-1, 0, 1)]
-    triples = [(a, best[a.key], s) for a in selected for s in args.eval_seeds]
-    triples += [(bench.ARMS["lora"], lr, s) for lr in lora_lrs if lr != best["lora"] for s in args.eval_seeds]
-    eval_runs = run(triples, phase="eval")
-    lora_oracle = {s: min(export_loss(r) for r in eval_runs if r["arm"] == "lora" and r["seed"] == s)
-                   for s in args.eval_seeds}
+    eval_runs = run(evaluation_triples(selected, best, args.eval_seeds, bench.ARMS["lora"]), phase="eval")
 
     labels = {a.key: a.label for a in arms}
-    rows, table = paired_table(eval_runs, selected, best, edge, lora_oracle)
+    rows, table = paired_table(eval_runs, selected, best, edge, EXPORT)
     write_csvs(out, all_results)
     (out / "summary.json").write_text(json.dumps({"rows": rows, "tuning": {k: {str(lr): v for lr, v in by.items()}
                                                                            for k, by in losses.items()}},
@@ -327,7 +233,7 @@ def main(argv=None):
               f"of LR {', '.join(f'{lr:.4g}' for lr in lora_lrs)} per evaluation seed. Differences are arm minus LoRA "
               "on the same seed (negative: the arm's export is better).\n")
     md = (header + "\n" + table + "\n\nTuning (export loss, mean of tuning seeds; best in bold):\n\n"
-          + sweep_table(losses, labels) + "\n")
+          + sweep_table(losses, labels, EXPORT) + "\n")
     (out / "results.md").write_text(md)
     print("\n" + md)
     print(f"wrote {out}")

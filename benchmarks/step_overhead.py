@@ -141,6 +141,7 @@ class Arm:
     family: str  # "peft", "ours", "naive"
     structure: str = "none"
     pre_num: int = 1
+    lam: float = 1.0  # shortcut weight lambda (shortcut_decay mid-window when < 1)
     attach: Callable[[], None] = lambda: None
     detach: Callable[[], None] = lambda: None
     times: list = field(default_factory=list)  # per round: list of step seconds
@@ -148,12 +149,13 @@ class Arm:
     cuda_peak: Optional[int] = None
 
 
-def ours_arm(model, structure: str, pre_num: int, rank: int, alpha: float) -> Arm:
+def ours_arm(model, structure: str, pre_num: int, rank: int, alpha: float, lam: float = 1.0) -> Arm:
     cfg = ResLoRAConfig(structure=structure, pre_num=pre_num, r=rank, lora_alpha=alpha, target_modules=TARGETS)
     state = {"summary": None}
 
     def attach():
         inject_reslora(model, cfg)
+        get_controller(model).shortcut_scale = lam
         if state["summary"] is not None:
             get_controller(model).restore_chains(state["summary"])
 
@@ -163,12 +165,13 @@ def ours_arm(model, structure: str, pre_num: int, rank: int, alpha: float) -> Ar
             state["summary"] = ctl.chain_summary()
         remove_reslora(model)
 
-    return Arm(f"ResLoRA {structure} m={pre_num}", "ours", structure, pre_num, attach, detach)
+    name = f"ResLoRA {structure} m={pre_num}" + (f" lambda={lam:g}" if lam != 1.0 else "")
+    return Arm(name, "ours", structure, pre_num, lam, attach, detach)
 
 
 def naive_arm(model, structure: str, pre_num: int) -> Arm:
     naive = NaiveResLoRA(model, structure, pre_num, TARGETS)
-    arm = Arm(f"naive {structure} m={pre_num}", "naive", structure, pre_num, naive.attach, naive.detach)
+    arm = Arm(f"naive {structure} m={pre_num}", "naive", structure, pre_num, attach=naive.attach, detach=naive.detach)
     arm.naive = naive
     return arm
 
@@ -432,6 +435,8 @@ def main(argv=None):
     ap.add_argument("--steps-per-visit", type=int)
     ap.add_argument("--warmup-per-visit", type=int)
     ap.add_argument("--pre-nums", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--lambdas", type=float, nargs="*", default=[],
+                    help="also time every structure with this shortcut weight (the shortcut_decay window), e.g. 0.5")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--size", type=int, help="latent height = width")
     ap.add_argument("--rank", type=int)
@@ -480,10 +485,12 @@ def main(argv=None):
     structures = [("is", 1)] + [(s, m) for s in ("bs", "ms") for m in args.pre_nums]
     for s, m in structures:
         arms.append(ours_arm(model, s, m, d["rank"], d["alpha"]))
+    for lam in args.lambdas:  # shortcut_decay's window, where every shortcut term is scaled
+        arms += [ours_arm(model, s, m, d["rank"], d["alpha"], lam) for s, m in structures]
     if d["naive"]:
         for s, m in structures:
             arms.append(naive_arm(model, s, m))
-    by_key = {(a.family, a.structure, a.pre_num): a for a in arms}
+    by_key = {(a.family, a.structure, a.pre_num): a for a in arms if a.lam == 1.0}
     ref = arms[0]
 
     equivalence = []

@@ -4,6 +4,14 @@
     python benchmarks/transformers_convergence.py            # full: both tasks, 4 arms, 5 seeds (<= 25 min)
     python benchmarks/transformers_convergence.py --quick    # both tasks, 4 arms, 2 seeds, 1 epoch (<= 5 min)
     python benchmarks/transformers_convergence.py --task llama --seeds 0 1 2
+    python benchmarks/transformers_convergence.py --tuned    # LLaMA: does the exported adapter beat a tuned LoRA?
+    python benchmarks/transformers_convergence.py --tuned --quick
+
+``--tuned`` runs the protocol of ``benchmarks/_tuning.py`` on the LLaMA example (rank 4, alpha 8, batch 32,
+linear schedule, ``--merge ls``): a bracketed factor-sqrt(2) learning-rate grid tuned on ``--tune_seeds``,
+anneal windows chosen there too, then the selected arms on fresh ``--seeds`` (default 0..4) against the
+tuned LoRA and a per-seed LoRA oracle. The metric is the exact match of the *exported* plain-LoRA adapter
+(``accuracy_after_merge``, which the example checks equals a stock ``PeftModel.from_pretrained`` load).
 
 Each run is one call of an example's ``main(argv)`` in this process (``examples/train_roberta_glue_reslora.py``
 or ``examples/train_llama_reslora.py``, offline mode) with ``--eval_steps``, so the metric of the unmerged
@@ -48,6 +56,7 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -59,6 +68,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _tuning import SQRT2, Metric, evaluation_triples, paired_table, select_families, sweep_table, tune  # noqa: E402
 
 ARMS = {  # name -> example flags
     "LoRA": ["--structure", "none"],
@@ -85,17 +97,111 @@ QUICK = dict(seeds=[0, 1],
              llama=dict(steps=63, eval_steps=9, pretrain=300))
 
 
+@dataclass(frozen=True)
+class TunedArm:
+    key: str
+    flags: tuple
+    label: str
+    family: str
+
+
+def _tuned_arm(key, structure, pre_num, label, schedule=(), family=None):
+    flags = ("--structure", structure, "--pre_num", str(pre_num), *schedule)
+    return TunedArm(key, flags, label, family or key)
+
+
+TUNED_ARMS = {a.key: a for a in [
+    _tuned_arm("lora", "none", 1, "LoRA"),
+    _tuned_arm("is", "is", 1, "ResLoRA is (ls merge)"),
+    _tuned_arm("ms-1", "ms", -1, "ResLoRA ms m=-1 (ls merge)"),
+    _tuned_arm("bs-1", "bs", -1, "ResLoRA bs m=-1"),
+    _tuned_arm("is-d59", "is", 1, "ResLoRA is, decay 0.5-0.9", ("--shortcut_decay", "0.5", "0.9"), "is-decay"),
+    _tuned_arm("is-d38", "is", 1, "ResLoRA is, decay 0.3-0.8", ("--shortcut_decay", "0.3", "0.8"), "is-decay"),
+    _tuned_arm("ms-1-d59", "ms", -1, "ResLoRA ms m=-1, decay 0.5-0.9", ("--shortcut_decay", "0.5", "0.9"), "ms-decay"),
+    _tuned_arm("ms-1-d38", "ms", -1, "ResLoRA ms m=-1, decay 0.3-0.8", ("--shortcut_decay", "0.3", "0.8"), "ms-decay"),
+    _tuned_arm("is-m6", "is", 1, "ResLoRA is, merge at 0.6", ("--merge_at", "0.6")),
+    _tuned_arm("ms-1-m6", "ms", -1, "ResLoRA ms m=-1, merge at 0.6", ("--merge_at", "0.6")),
+]}
+TUNED_FULL = dict(arms=[k for k in TUNED_ARMS if not k.endswith("-d38")], lrs=[3e-3 / SQRT2, 3e-3, 3e-3 * SQRT2], tune_seeds=[100, 101],
+                  seeds=[0, 1, 2, 3, 4], steps=126, pretrain=600, max_extend=2)
+TUNED_QUICK = dict(arms=["lora", "is", "is-d59"], lrs=[3e-3 / SQRT2, 3e-3, 3e-3 * SQRT2], tune_seeds=[100],
+                   seeds=[0, 1], steps=32, pretrain=200, max_extend=0)
+EXPORTED_EXACT_MATCH = Metric(
+    "exported adapter exact match",
+    value=lambda r: r["accuracy_after_merge"],
+    trained=lambda r: r["accuracy_before_merge"],
+    merge_error=lambda r: r["merge_error"]["relative_output_error"],
+    sign=-1,
+)
+
+
+def run_tuned(args) -> int:
+    """The --tuned protocol on the LLaMA example; writes results.md, runs.csv and summary.json to --out."""
+    preset = TUNED_QUICK if args.quick else TUNED_FULL
+    seeds = args.seeds or preset["seeds"]
+    tune_seeds = args.tune_seeds or preset["tune_seeds"]
+    if set(seeds) & set(tune_seeds):
+        raise SystemExit("--tune_seeds and --seeds must differ: nothing is selected on the reported seeds.")
+    arms = [TUNED_ARMS[k] for k in (args.tuned_arms or preset["arms"])]
+    plan = dict(steps=args.steps or preset["steps"], eval_steps=args.eval_steps or 10 ** 9,
+                pretrain=preset["pretrain"])
+    out = args.out or ROOT / "benchmarks" / "results" / ("llama_tuned_quick" if args.quick else "llama_tuned")
+    out.mkdir(parents=True, exist_ok=True)
+    bases, start, runs = args.bases or out / "bases", time.perf_counter(), []
+
+    def run(triples, phase="tune"):
+        done = []
+        for arm, lr, seed in triples:
+            s = run_one("llama", arm.key, seed, plan, out, [*arm.flags, "--merge", "ls", "--learning_rate", repr(lr)],
+                        bases, flags_given=True, slug=f"{phase}-{arm.key}-lr{lr:.4g}-seed{seed}")
+            s.update(arm=arm.key, lr=lr, seed=seed, phase=phase)
+            done.append(s)
+            print(f"[{time.perf_counter() - start:7.1f}s] {phase} {arm.key} lr {lr:.4g} seed {seed}: trained "
+                  f"{s['accuracy_before_merge']:.3f}, exported {s['accuracy_after_merge']:.3f}", file=sys.stderr, flush=True)
+        runs.extend(done)
+        return done
+
+    scores, best, edge = tune(arms, preset["lrs"], tune_seeds, run, EXPORTED_EXACT_MATCH, preset["max_extend"])
+    selected = select_families(arms, scores, best)
+    eval_runs = run(evaluation_triples(selected, best, seeds, TUNED_ARMS["lora"]), phase="eval")
+    rows, table = paired_table(eval_runs, selected, best, edge, EXPORTED_EXACT_MATCH)
+    labels = {a.key: a.label for a in arms}
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["phase", "arm", "lr", "seed", "steps", "exact_match_trained", "exact_match_exported",
+                    "merge", "merge_relative_output_error", "wall_seconds"])
+        for r in runs:
+            w.writerow([r["phase"], r["arm"], r["lr"], r["seed"], r["steps"], r["accuracy_before_merge"],
+                        r["accuracy_after_merge"], r["merge_error"]["method"],
+                        r["merge_error"]["relative_output_error"], round(r["wall_seconds"], 1)])
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "best_lr": best}, indent=2, default=str))
+    minutes = (time.perf_counter() - start) / 60
+    md = (f"LLaMA example, tuned protocol ({'quick' if args.quick else 'full'}): {plan['steps']} steps, tuning seeds "
+          f"{tune_seeds}, evaluation seeds {seeds}; {len(runs)} runs in {minutes:.1f} min (1 process).\n"
+          "Metric: exact match of the exported plain-LoRA adapter; differences are arm minus LoRA on the same seed "
+          "(positive: the arm's export is better).\n\n" + table
+          + "\n\nTuning (exported exact match, mean of tuning seeds; best in bold):\n\n"
+          + sweep_table(scores, labels, EXPORTED_EXACT_MATCH) + "\n")
+    (out / "results.md").write_text(md)
+    print(md)
+    return 0
+
+
 # ------------------------------------------------------------------------------------- running
-def run_one(task: str, arm: str, seed: int, plan: dict, out: Path, extra: list[str], bases: Path) -> dict:
-    """One example run in process; its stdout goes to a log file. Returns the example's summary."""
+def run_one(task: str, arm: str, seed: int, plan: dict, out: Path, extra: list[str], bases: Path,
+            flags_given: bool = False, slug: str = "") -> dict:
+    """One example run in process; its stdout goes to a log file. Returns the example's summary.
+
+    ``extra`` follows the arm's flags (``ARMS[arm]``), or replaces them with ``flags_given``.
+    """
     module = importlib.import_module(TASKS[task]["module"])
-    slug = f"{task}-{arm.replace('ResLoRA ', '').replace(' ', '').replace('=', '')}-seed{seed}"
+    slug = slug or f"{task}-{arm.replace('ResLoRA ', '').replace(' ', '').replace('=', '')}-seed{seed}"
     run_dir = out / "runs" / slug
     base_dir = bases / f"{task}-seed{seed}-pretrain{plan['pretrain']}"
     argv = ["--offline", "--seed", str(seed), "--max_train_steps", str(plan["steps"]),
             "--eval_steps", str(plan["eval_steps"]), "--offline_pretrain_steps", str(plan["pretrain"]),
             "--offline_base_dir", str(base_dir), "--output_dir", str(run_dir), "--no_progress_bar",
-            *ARMS[arm], *extra]
+            *([] if flags_given else ARMS[arm]), *extra]
     (out / "logs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(out / "logs" / f"{slug}.log", "w") as log, contextlib.redirect_stdout(log):
@@ -353,6 +459,9 @@ def main(argv=None):
                     help="redo the tables and plots from an earlier run's results.json (no training)")
     ap.add_argument("--out", type=Path, default=None,
                     help="default: benchmarks/results/transformers (quick: benchmarks/results/transformers_quick)")
+    ap.add_argument("--tuned", action="store_true", help="LLaMA: exported adapter vs a tuned LoRA (see above)")
+    ap.add_argument("--tune_seeds", type=int, nargs="+", default=None, help="--tuned: the seeds that choose LRs")
+    ap.add_argument("--tuned_arms", nargs="+", choices=list(TUNED_ARMS), default=None, help="--tuned: arms")
     args = ap.parse_args(argv)
     args.arms = list(dict.fromkeys(ARM_ALIASES.get(a, a) for a in args.arms))
 
@@ -368,6 +477,8 @@ def main(argv=None):
     except ImportError:  # pragma: no cover
         pass
 
+    if args.tuned:
+        return run_tuned(args)
     mode = QUICK if args.quick else FULL
     seeds = args.seeds or mode["seeds"]
     tasks = ["roberta", "llama"] if args.task == "both" else [args.task]

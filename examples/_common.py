@@ -24,7 +24,14 @@ try:  # the examples run from a checkout without installing the package
 except ImportError:  # pragma: no cover - depends on how the example is started
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reslora_diffusers import MERGE_METHODS, STRUCTURES, ResLoRAConfig, get_controller, merge_reslora  # noqa: E402
+from reslora_diffusers import (  # noqa: E402
+    MERGE_METHODS,
+    STRUCTURES,
+    ResLoRAConfig,
+    ShortcutSchedule,
+    get_controller,
+    merge_reslora,
+)
 from reslora_diffusers.distributed import (  # noqa: E402,F401
     UnsupportedDistributedMode,
     check_deepspeed_config,
@@ -49,6 +56,12 @@ def add_reslora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                             "'ls' least squares on calibration batches, 'no' drop the shortcuts. 'bs' is exact.")
     group.add_argument("--num_calibration_batches", type=int, default=4,
                        help="Training batches used to fit the 'ls' merge and to measure every merge's error.")
+    group.add_argument("--shortcut_decay", type=float, nargs=2, default=None, metavar=("START", "END"),
+                       help="Anneal the shortcuts: weight 1 until fraction START of training, cosine to 0 at END, "
+                            "then 0, so the exported adapter is exact plain LoRA. E.g. 0.5 0.9.")
+    group.add_argument("--merge_at", type=float, default=None, metavar="F",
+                       help="is/ms: at fraction F of training merge the shortcuts in place (--merge method) and train "
+                            "on as plain LoRA, so the export is exact.")
     return parser
 
 
@@ -91,6 +104,8 @@ def reslora_config_from_args(args, target_modules: list[str], modules_to_save: O
         lora_dropout=args.lora_dropout,
         target_modules=list(target_modules),
         modules_to_save=list(modules_to_save) if modules_to_save else None,
+        shortcut_decay=tuple(args.shortcut_decay) if args.shortcut_decay else None,
+        merge_at=args.merge_at,
     )
 
 
@@ -132,6 +147,16 @@ class EvalHistory:
         if self.eval_steps and step % self.eval_steps == 0:
             return self.at(step)
         return None
+
+
+def start_shortcut_schedule(model, args, max_steps: int, optimizer, calibration_batches: list, forward_fn: Callable):
+    """The ``ShortcutSchedule`` of a run (lambda of ``--shortcut_decay``, ``--merge_at``), updated for step 0.
+
+    Call ``.update(step)`` after every optimizer step, on every process.
+    """
+    schedule = ShortcutSchedule(model, max_steps, optimizer, args.merge, calibration_batches, forward_fn)
+    schedule.update(0)
+    return schedule
 
 
 def to_device(batch: dict, device) -> dict:

@@ -56,6 +56,7 @@ from _common import (  # noqa: E402
     process_group_kwargs,
     release_ddp_reducer,
     reslora_config_from_args,
+    start_shortcut_schedule,
     to_device,
     training_steps,
 )
@@ -374,6 +375,10 @@ def main(argv=None, return_state: bool = False):
                     desc=f"ResLoRA-{args.structure}")
     history, step, epoch_metrics = [], 0, metrics_base
     t_loop, eval_seconds_before = time.perf_counter(), evals.seconds
+    unwrapped = accelerator.unwrap_model(model)
+    calib = [to_device(b, accelerator.device) for b in calibration_batches]
+    forward_fn = lambda m, b: m(**b).logits  # noqa: E731
+    shortcuts = start_shortcut_schedule(unwrapped, args, max_steps, optimizer, calib, forward_fn)
     model.train()
     for epoch in range(num_epochs):
         for batch in train_loader:
@@ -387,6 +392,7 @@ def main(argv=None, return_state: bool = False):
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 step += 1
+                shortcuts.update(step)
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}")
                 evals.maybe(step)
@@ -401,9 +407,6 @@ def main(argv=None, return_state: bool = False):
     train_seconds = time.perf_counter() - t_loop - (evals.seconds - eval_seconds_before)
 
     # ---- merge into plain LoRA and evaluate the merged model
-    unwrapped = accelerator.unwrap_model(model)
-    calib = [to_device(b, accelerator.device) for b in calibration_batches]
-    forward_fn = lambda m, b: m(**b).logits  # noqa: E731
     result, merge_err = merge_with_report(unwrapped, args, calib, forward_fn)
     with merged_view(unwrapped, result):
         metrics_merged = evaluate(model, eval_loader, accelerator, task, is_regression)

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 
 def _shortcut_sum(x, x_prev, scale: float):
-    return x + x_prev if scale == 1.0 else x + scale * x_prev
+    """x + scale * x_prev in one kernel (scale is a Python float)."""
+    return x + x_prev if scale == 1.0 else torch.add(x, x_prev, alpha=scale)
 
 
 class _SumLinear(torch.autograd.Function):

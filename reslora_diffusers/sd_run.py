@@ -3,7 +3,8 @@
 
 A run keeps a fixed calibration set of UNet inputs (noisy latents, timesteps, text embeddings) in
 ``reslora_calibration.safetensors``: the first half fits the ``ls`` merge, the second half measures
-every merge's error, so a run can be re-merged later without its dataset.
+every merge's error, so a run can be re-merged later without its dataset. The training script builds
+the two halves from different images, each with timesteps spread over the whole range.
 """
 
 from __future__ import annotations
@@ -75,7 +76,11 @@ def merge_unet(unet, method: str, calibration_batches: Optional[list] = None, sv
     )
     if held_out:
         result.report["held_out"] = merge_error(unet, result.factors, held_out, unet_forward)
-        result.report["held_out"]["note"] = "relative error of the merged UNet output against the unmerged one"
+        result.report["held_out"].update(
+            note="relative error of the merged UNet output against the unmerged one",
+            num_inputs=sum(len(t) for _, t, _ in held_out),
+            timesteps=sorted(int(v) for _, t, _ in held_out for v in t),
+        )
     return result
 
 
@@ -115,8 +120,9 @@ def write_model_card(output_dir: str, info: dict):
         "| setting | value |",
         "|---|---|",
     ]
-    for key in ("structure", "pre_num", "rank", "lora_alpha", "merge", "steps", "resolution", "learning_rate", "seed"):
-        if key in info:
+    for key in ("structure", "pre_num", "rank", "lora_alpha", "merge", "shortcut_decay", "merge_at", "steps",
+                "resolution", "learning_rate", "seed"):
+        if info.get(key) is not None:
             lines.append(f"| {key} | {info[key]} |")
     held = info.get("held_out_error")
     if held is not None:

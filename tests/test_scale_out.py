@@ -85,9 +85,13 @@ COMMON = ["--max_train_steps", "3", "--pokemon_style_size", "12", "--sample_step
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("structure", ["is", "bs", "ms"])
-def test_two_processes_equal_one_process_with_accumulation(structure, tmp_path):
-    args = [*COMMON, "--reslora_structure", structure, "--pre_num", "2"]
+@pytest.mark.parametrize("structure,schedule", [
+    ("is", ["--shortcut_decay", "0.2", "0.9"]),  # lambda 0.97 and 0.5 in steps 2 and 3
+    ("bs", []),
+    ("ms", ["--merge_at", "0.5"]),  # merged in place on both ranks after step 2
+])
+def test_two_processes_equal_one_process_with_accumulation(structure, schedule, tmp_path):
+    args = [*COMMON, "--reslora_structure", structure, "--pre_num", "2", *schedule]
     one, two = tmp_path / "one", tmp_path / "two"
     launch(1, ["--output_dir", str(one), "--train_batch_size", "2", "--gradient_accumulation_steps", "2", *args])
     proc = launch(2, ["--output_dir", str(two), "--train_batch_size", "2", *args])

@@ -13,11 +13,13 @@ import torch
 
 from reslora_diffusers import (
     ResLoRAConfig,
+    ShortcutSchedule,
     get_controller,
     load_training_state,
     merge_reslora,
     merge_shortcuts_in_place,
     merged_view,
+    reset_optimizer_state,
     save_training_state,
 )
 from test_equations import ALPHA, NAMES, R, make_model
@@ -218,3 +220,37 @@ def test_training_state_keeps_lambda(tmp_path):
     assert get_controller(fresh).shortcut_scale == LAM
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), out)
+
+
+def test_schedule_object_sets_lambda_and_merges_once_with_fresh_moments():
+    model = make_model("is", 1)
+    ctl = get_controller(model)
+    ctl.config.merge_at = 0.5
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    calib = batches(seed=40)
+    sched = ShortcutSchedule(model, 10, opt, "ls", calib, forward)
+    assert sched.update(0) == 1.0 and sched.merge_step == 5
+    for step in range(1, 5):
+        model(batches(1, seed=step)[0]).pow(2).mean().backward()
+        opt.step()
+        assert sched.update(step) == 1.0 and not ctl.shortcuts_merged
+    a_params = {id(v.lora_weights()[0]) for v in ctl.variants.values()}
+    assert sched.update(5) == 0.0 and ctl.shortcuts_merged and sched.merge_report["method"] == "ls"
+    assert [p for p in opt.state if id(p) in a_params] == []  # A's moments dropped, B's kept
+    assert len(opt.state) == len(params) - len(a_params)
+    a_after = [v.lora_weights()[0].clone() for v in ctl.variants.values()]
+    assert sched.update(6) == 0.0  # no second merge: A unchanged
+    assert all(torch.equal(a, v.lora_weights()[0]) for a, v in zip(a_after, ctl.variants.values()))
+
+
+def test_reset_refuses_an_optimizer_that_keys_state_elsewhere():
+    param = torch.nn.Parameter(torch.ones(3))
+    elsewhere = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([elsewhere])
+    elsewhere.grad = torch.ones(3)
+    opt.step()
+    with pytest.raises(RuntimeError, match="DeepSpeed"):
+        reset_optimizer_state(opt, [param])
+    wrapper = type("Wrapped", (), {"optimizer": opt})()  # accelerate's wrapper keeps the torch optimizer here
+    assert reset_optimizer_state(wrapper, [elsewhere]) == 1 and not opt.state

@@ -54,18 +54,27 @@ def unmerged_unet(run_dir):
     return unet.eval()
 
 
+RUNS = {  # name: flags; "is-decay" anneals its shortcuts to 0 by 75% of training, so its export is exact
+    "none": ["--reslora_structure", "none"],
+    "is": ["--reslora_structure", "is"],
+    "bs": ["--reslora_structure", "bs", "--pre_num", "2"],
+    "ms": ["--reslora_structure", "ms", "--pre_num", "2"],
+    "is-decay": ["--reslora_structure", "is", "--shortcut_decay", "0.25", "0.75"],
+}
+EXACT = ("none", "bs", "is-decay")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = {}
-    for structure in ("none", "is", "bs", "ms"):
-        run_dir = tmp_path_factory.mktemp(f"run-{structure}")
-        extra = ["--pre_num", "2"] if structure in ("bs", "ms") else []
-        run_script(["--output_dir", str(run_dir), "--reslora_structure", structure, *extra, *QUICK])
-        out[structure] = run_dir
+    for name, flags in RUNS.items():
+        run_dir = tmp_path_factory.mktemp(f"run-{name}")
+        run_script(["--output_dir", str(run_dir), *flags, *QUICK])
+        out[name] = run_dir
     return out
 
 
-@pytest.mark.parametrize("structure", ["none", "is", "bs", "ms"])
+@pytest.mark.parametrize("structure", list(RUNS))
 def test_run_writes_samples_grid_export_and_report(runs, structure):
     from reslora_diffusers.sd_run import load_calibration, unet_forward
 
@@ -75,8 +84,10 @@ def test_run_writes_samples_grid_export_and_report(runs, structure):
     assert (run_dir / "progress_grid.png").stat().st_size > 0
     assert (run_dir / "README.md").read_text().count("load_lora_weights") == 1
     report = json.loads((run_dir / "merge_report.json").read_text())
-    assert report["structure"] == structure and report["steps"] == 4
+    assert report["structure"] == structure.split("-")[0] and report["steps"] == 4
     assert "relative_output_error" in report["held_out"]
+    # the held-out merge-error inputs: timesteps stratified over [0, 1000), as many as the fit's
+    assert report["held_out"]["timesteps"] == [125, 375, 625, 875] and report["held_out"]["num_inputs"] == 4
     keys = load_file(str(run_dir / "pytorch_lora_weights.safetensors")).keys()
     assert keys and all(k.startswith("unet.") and ".lora_" in k for k in keys)
 
@@ -91,8 +102,11 @@ def test_run_writes_samples_grid_export_and_report(runs, structure):
     with torch.no_grad():
         unmerged = unet_forward(unet, batch)
     rel = ((loaded - unmerged).norm() / unmerged.norm()).item()
-    if structure in ("none", "bs"):  # exact merges
+    if structure in EXACT:  # exact merges
         torch.testing.assert_close(loaded, unmerged, atol=1e-4, rtol=1e-4)
+        if structure == "is-decay":  # lambda is 0 at the end: the model as trained is the plain LoRA
+            assert report["method"] == "exact" and report["shortcut_scale"] == 0.0
+            assert report["held_out"]["relative_output_error"] < 1e-6
     else:  # the merge error the report gives for this held-out batch
         assert rel == pytest.approx(report["held_out"]["relative_output_error"], rel=0.5, abs=1e-6)
     with torch.no_grad():
@@ -135,6 +149,61 @@ def test_resume_reaches_the_same_weights_and_statistics(tmp_path):
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
     counts = [json.loads((d / "reslora_training_state.json").read_text())["norm_counts"] for d in (full, parts)]
     assert counts[0] == counts[1]
+
+
+def test_calibration_halves_use_different_images_and_spread_timesteps():
+    """Stub components carry each example's index through to the text embeddings, so the test sees which
+    images each half used; example 2 is unreadable and must be passed over."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    dataset = [{"bad_index": i} if i == 2 else {"pixel_values": torch.full((3, 8, 8), float(i)),
+                                                  "input_ids": torch.tensor([i])} for i in range(40)]
+    vae = SimpleNamespace(
+        config=SimpleNamespace(scaling_factor=1.0),
+        encode=lambda px: SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda generator: px[:, :1])),
+    )
+    text_encoder = lambda ids, return_dict: (ids.float()[:, :, None],)  # noqa: E731
+    args = SimpleNamespace(seed=0, train_batch_size=8, calibration_batches=4)
+    accelerator = SimpleNamespace(device=torch.device("cpu"))
+    batches = train.build_calibration(args, dataset, vae, text_encoder, DDPMScheduler(num_train_timesteps=1000),
+                                      accelerator, torch.float32)
+    fit, held_out = batches[:2], batches[2:]  # split_calibration's halves
+    used = [sorted(int(h) for _, _, hidden in half for h in hidden.flatten()) for half in (fit, held_out)]
+    assert used == [[0, 1, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+    expected = [int((j + 0.5) * 1000 / 8) for j in range(8)]  # stratified over the whole range, per half
+    for half in (fit, held_out):
+        assert sorted(int(t) for _, ts, _ in half for t in ts) == expected
+        assert [t.tolist() for _, t, _ in half] == [expected[0::2], expected[1::2]]  # each batch spans the range
+
+
+def test_merge_at_resumes_across_the_switch(tmp_path):
+    """merge_at 0.5 of 6 steps merges in place after step 3. One run is stopped at step 2 (before the
+    switch), resumed and stopped again at step 4 (after it), resumed to the end: it must match a run
+    that was never stopped, and never merge twice."""
+    common = ["--reslora_structure", "ms", "--pre_num", "-1", "--merge_at", "0.5", "--max_train_steps", "6",
+              "--checkpointing_steps", "100", "--sample_steps", "100", "--train_batch_size", "4",
+              "--pokemon_style_size", "12", "--sample_num_inference_steps", "1", "--report_to", "none",
+              "--calibration_batches", "2"]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    run_script(["--output_dir", str(full), *common])
+    run_script(["--output_dir", str(parts), "--simulate_interrupt_at_step", "2", *common], expect=1)
+    state = json.loads((parts / "checkpoint-2" / "reslora_training_state.json").read_text())
+    assert not state["shortcuts_merged"] and state["shortcut_scale"] == 1.0
+    run_script(["--output_dir", str(parts), "--resume_from_checkpoint", "latest", "--simulate_interrupt_at_step", "4",
+                *common], expect=1)
+    state = json.loads((parts / "checkpoint-4" / "reslora_training_state.json").read_text())
+    assert state["shortcuts_merged"] and state["shortcut_scale"] == 0.0
+    run_script(["--output_dir", str(parts), "--resume_from_checkpoint", "latest", *common])
+    a = load_file(str(full / "reslora_training_state.safetensors"))
+    b = load_file(str(parts / "reslora_training_state.safetensors"))
+    for key in (k for k in a if k.endswith(("lora_A", "lora_B"))):
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
+    for run_dir in (full, parts):
+        report = json.loads((run_dir / "merge_report.json").read_text())
+        assert report["method"] == "exact" and report["held_out"]["relative_output_error"] < 1e-6
+    assert json.loads((full / "merge_report.json").read_text())["merge_at_report"]["method"] == "ls"
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -189,6 +258,8 @@ def test_unknown_alias_structure_and_pre_num(tmp_path, capsys):
     assert "Unknown dataset alias 'pokemon'" in cli_error(["--dataset", "pokemon"], capsys)
     assert "Unknown ResLoRA structure 'xs'" in cli_error(["--reslora_structure", "xs"], capsys)
     assert "pre_num=-2 is invalid" in cli_error(["--pre_num", "-2"], capsys)
+    assert "shortcut_decay=(0.9, 0.5) is invalid" in cli_error(["--shortcut_decay", "0.9", "0.5"], capsys)
+    assert "merge_at applies to 'is' and 'ms'" in cli_error(["--reslora_structure", "bs", "--merge_at", "0.5"], capsys)
     assert "Unknown --merge 'avg'" in cli_error(["--merge", "avg"], capsys)
 
 

@@ -29,6 +29,11 @@ from peft import PeftModel  # noqa: E402
 from reslora_diffusers import merged_view  # noqa: E402
 
 STRUCTURES = ["none", "is", "bs", "ms"]
+SCHEDULES = {  # merge-aware training: the shortcuts are gone by the end, so the export is exact
+    "is-decay": ["--shortcut_decay", "0.2", "0.6"],
+    "ms-merge_at": ["--merge_at", "0.5"],
+}
+EXACT = ("none", "bs", *SCHEDULES)
 
 TINY = {
     "roberta": [
@@ -63,8 +68,11 @@ def one_thread():
 
 
 def _run(name, structure, out_dir, base_dir, merge="bi"):
-    argv = TINY[name] + ["--structure", structure, "--pre_num", "2" if structure == "ms" else "1", "--merge", merge,
-                         "--output_dir", str(out_dir), "--offline_base_dir", base_dir, "--rank", "2", "--lora_alpha", "4"]
+    """``structure`` is a structure, or one of SCHEDULES ("is-decay": structure is with its flags)."""
+    plain = structure.split("-")[0]
+    argv = TINY[name] + ["--structure", plain, "--pre_num", "2" if plain == "ms" else "1", "--merge", merge,
+                         "--output_dir", str(out_dir), "--offline_base_dir", base_dir, "--rank", "2", "--lora_alpha", "4",
+                         *SCHEDULES.get(structure, [])]
     return SCRIPTS[name].main(argv, return_state=True)
 
 
@@ -72,23 +80,25 @@ def _finite(x):
     return isinstance(x, float) and math.isfinite(x)
 
 
-@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("structure", STRUCTURES + list(SCHEDULES))
 @pytest.mark.parametrize("name", ["roberta", "llama"])
 def test_example_exports_a_plain_lora_that_stock_peft_reproduces(name, structure, tmp_path, base_dirs, one_thread):
-    state = _run(name, structure, tmp_path / "out", base_dirs[name], merge="ls" if structure == "ms" else "bi")
+    state = _run(name, structure, tmp_path / "out", base_dirs[name], merge="ls" if structure.startswith("ms") else "bi")
     summary, model, result = state["summary"], state["model"], state["merge_result"]
     forward_fn, batches = state["forward_fn"], state["compare_batches"]
 
     # the summary line was written and says what the tests need
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert on_disk["structure"] == structure and on_disk["steps"] == 3
+    assert on_disk["structure"] == structure.split("-")[0] and on_disk["steps"] == 3
     for key in ("accuracy_before_finetuning", "accuracy_before_merge", "accuracy_after_merge", "accuracy_stock_peft"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert summary["accuracy_stock_peft"] == summary["accuracy_after_merge"]
     err = summary["merge_error"]
     assert _finite(err["relative_output_error"]) and _finite(err["relative_adapter_error"])
-    if structure in ("none", "bs"):
+    if structure in EXACT:
         assert err["relative_output_error"] < 1e-5
+    if structure in SCHEDULES:
+        assert err["method"] == "exact" and err["relative_output_error"] < 1e-6
     assert summary["max_abs_logit_diff_stock_vs_merged"] < 1e-5
 
     # a plain LoRA config, and the classifier head travels with the RoBERTa adapter
@@ -113,7 +123,7 @@ def test_example_exports_a_plain_lora_that_stock_peft_reproduces(name, structure
             merged = [forward_fn(model, b) for b in batches]
     for s, m in zip(stock_out, merged):
         torch.testing.assert_close(s, m, atol=1e-5, rtol=1e-5)
-    if structure in ("none", "bs"):  # exact merges: stock peft == the unmerged ResLoRA model
+    if structure in EXACT:  # exact merges: stock peft == the unmerged ResLoRA model
         for s, u in zip(stock_out, unmerged):
             torch.testing.assert_close(s, u, atol=1e-5, rtol=1e-5)
         if structure == "bs":
