@@ -26,7 +26,8 @@ Protocol, so that nothing is selected on the seeds that are reported:
    seeds where the arm is better; the same against the oracle.
 
 Writes to ``--out``: ``runs.csv`` (every run), ``curves.csv`` (evaluation runs), ``results.md`` (also
-printed), ``export_curve.png`` (export loss over steps) and ``lr_sweep.png`` (tuning).
+printed), ``summary.json``, ``export_curve.png`` (export loss over steps), ``lr_sweep.png`` (tuning), and
+the evaluation runs' ResLoRA training states under ``runs/`` (``merge_fidelity.py`` reads them).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def _work(task: dict) -> dict:
     arm = bench.ARMS[task["arm"]]
     t0 = time.time()
     result = bench.train_run(_CTX, arm, task["lr"], task["seed"], task["steps"], batch_size=task["batch_size"],
-                             eval_every=task["eval_every"], rank=task["rank"], export_curve=task["export_curve"])
+                             eval_every=task["eval_every"], rank=task["rank"], export_curve=task["export_curve"],
+                             run_dir=Path(task["run_dir"]) if task.get("run_dir") else None)
     result["wall_seconds"] = time.time() - t0
     result["phase"] = task["phase"]
     return result
@@ -204,7 +206,9 @@ def main(argv=None):
 
     def run(triples, phase="tune"):
         tasks = [dict(arm=a.key, lr=lr, seed=s, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
-                      eval_every=args.eval_every, export_curve=phase == "eval", phase=phase) for a, lr, s in triples]
+                      eval_every=args.eval_every, export_curve=phase == "eval", phase=phase,
+                      run_dir=str(out / "runs" / run_name(a.key, lr, s)) if phase == "eval" else None)
+                 for a, lr, s in triples]
         results = run_tasks(tasks, args.jobs, args.threads, log)
         all_results.extend(results)
         return results

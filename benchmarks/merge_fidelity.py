@@ -5,8 +5,8 @@
     python benchmarks/merge_fidelity.py              # reads benchmarks/results/sd_convergence
     python benchmarks/merge_fidelity.py --runs DIR [DIR ...]   # any folders with a ResLoRA training state
 
-For each run (default: the ``is``, ``ms`` m=1 and ``bs`` m=1 arms of the convergence benchmark at
-their best learning rate, all seeds) it loads the unmerged training state into the tiny base and compares, for each merge
+For each run (default: the ``is``, ``ms`` m=-1 and ``bs`` m=-1 arms of the convergence benchmark at
+their tuned learning rate, every evaluation seed) it loads the unmerged training state into the tiny base and compares, for each merge
 (``no``, ``bi``, ``bw``, ``ls``; ``bs`` is exact whatever the method):
 
 - the held-out denoising loss of the merged model (same 64 fixed triples as convergence.py);
@@ -45,11 +45,11 @@ def default_runs(results: Path, arms: list[str]) -> list[Path]:
     if not summary.exists():
         raise SystemExit(f"{summary} not found: run benchmarks/convergence.py first (or pass --runs).")
     runs = []
-    for row in json.loads(summary.read_text()):
+    for row in json.loads(summary.read_text())["rows"]:
         if row["arm"] not in arms:
             continue
-        lr = float(row["best_lr"])
-        runs += sorted(d for d in (results / "runs").glob(f"{row['arm']}_lr{lr:g}_seed*") if (d / STATE_CONFIG_NAME).exists())
+        lr = float(row["lr"])
+        runs += sorted(d for d in (results / "runs").glob(f"{row['arm']}_lr{lr:.4g}_seed*") if (d / STATE_CONFIG_NAME).exists())
     if not runs:
         raise SystemExit(f"No ResLoRA training states under {results / 'runs'}.")
     return runs
@@ -103,7 +103,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=bench.ROOT / "benchmarks" / "results" / "sd_convergence",
                     help="output folder of convergence.py (default: its full run)")
-    ap.add_argument("--arms", nargs="+", default=["is", "ms1", "bs1"], help="arms of --results to evaluate")
+    ap.add_argument("--arms", nargs="+", default=["is", "ms-1", "bs-1"], help="arms of --results to evaluate")
     ap.add_argument("--runs", type=Path, nargs="+", default=None, help="explicit run folders instead")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sample_inference_steps", type=int, default=20, help="DDIM steps per sample")

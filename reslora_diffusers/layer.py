@@ -80,6 +80,7 @@ class ResLoRAVariant(LoraVariant):
         # 'bi' merge statistics: a ring buffer of activation norms as a device tensor (no host sync)
         self.norm_window: Optional[torch.Tensor] = None
         self.norm_count = 0
+        self.train_forwards = 0  # training forwards seen; every config.norm_every-th records a norm
         self._stat_generation = -1
         # 'ls' merge statistics (float64 Gram matrices), filled in calibration mode
         self.gram: Optional[torch.Tensor] = None
@@ -153,7 +154,10 @@ class ResLoRAVariant(LoraVariant):
             return result + F.linear(F.linear(dropout(x), a_cat), b_cat) * scaling
 
         ctl.check_grad_mode(self)
-        record = module.training and self._stat_generation != ctl.generation
+        record = False
+        if module.training and self._stat_generation != ctl.generation:  # once per forward (not on recompute)
+            record = self.train_forwards % ctl.config.norm_every == 0
+            self.train_forwards += 1
         self._stat_generation = ctl.generation
 
         if structure == "is":

@@ -180,7 +180,7 @@ class ResLoRAController:
 
     def reset_statistics(self):
         for v in self.variants.values():
-            v.norm_window, v.norm_count, v.gram, v.cross = None, 0, None, None
+            v.norm_window, v.norm_count, v.train_forwards, v.gram, v.cross = None, 0, 0, None, None
 
     def sync_statistics(self):
         """Average the 'bi' windows over processes so that every rank merges identically."""

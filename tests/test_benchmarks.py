@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,23 +38,35 @@ def test_arms_share_init_and_data():
 
 
 def test_convergence_then_merge_fidelity(tmp_path):
+    """The tuned protocol, checked from its own CSV: the chosen LR is the tuning argmin (and the grid grew
+    while it sat at an edge), the evaluation seeds are not the tuning seeds, LoRA also ran at its LR / sqrt(2)
+    and x sqrt(2), and the paired differences are the arms' export losses minus LoRA's."""
     out = tmp_path / "conv"
-    stdout = run("convergence.py", "--arms", "lora", "is", "bs1", "--lrs", "1e-3", "3e-3", "--seeds", "0", "1",
-                 "--steps", "2", "--eval_every", "1", "--sample_every", "2", "--sample_inference_steps", "2",
-                 "--jobs", "1", "--out", str(out))
+    stdout = run("convergence.py", "--arms", "lora", "is", "bs1", "--lrs", "1e-3", "2e-3", "--tune_seeds", "100",
+                 "--eval_seeds", "0", "--steps", "2", "--eval_every", "1", "--max_extend", "1", "--jobs", "1",
+                 "--out", str(out))
     assert "| ResLoRA is |" in stdout
-    for name in ("curves.csv", "runs.csv", "results.md", "held_out_loss.png", "style_score.png", "lr_sweep.png",
-                 "comparison_grid.png"):
+    for name in ("curves.csv", "runs.csv", "results.md", "summary.json", "export_curve.png", "lr_sweep.png"):
         assert (out / name).exists(), name
     runs = list(csv.DictReader(open(out / "runs.csv")))
-    assert len(runs) == 3 * 2 + 3  # sweep on seed 0, then seed 1 at each arm's best LR
-    summary = json.loads((out / "summary.json").read_text())
-    for row in summary:  # the chosen LR is the one with the lowest final held-out loss on seed 0
-        sweep = {float(k): v for k, v in row["sweep"].items()}
-        assert float(row["best_lr"]) == min(sweep, key=sweep.get)
+    tuning, evaluation = [r for r in runs if r["phase"] == "tune"], [r for r in runs if r["phase"] == "eval"]
+    assert {r["seed"] for r in tuning} == {"100"} and {r["seed"] for r in evaluation} == {"0"}
+    rows = {r["arm"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    export = {(r["arm"], float(r["lr"]), r["phase"]): float(r["held_out_loss_export"]) for r in runs}
+    for arm, row in rows.items():
+        grid = sorted(lr for (a, lr, phase) in export if a == arm and phase == "tune")
+        best = min(grid, key=lambda lr: export[(arm, lr, "tune")])
+        assert float(row["lr"]) == pytest.approx(best)
+        if set(grid) == {1e-3, 2e-3}:  # no extension: the best rate was interior, which 2 points cannot be
+            raise AssertionError(f"{arm}: the grid was not extended although its best rate was at an edge")
+        lora_lr = float(rows["lora"]["lr"])
+        diff = export[(arm, best, "eval")] - export[("lora", lora_lr, "eval")]
+        assert row["vs_lora"][0] == pytest.approx(diff)
+    lora_lrs = sorted(float(r["lr"]) for r in evaluation if r["arm"] == "lora")
+    assert lora_lrs == pytest.approx([float(rows["lora"]["lr"]) * k for k in (2 ** -0.5, 1, 2 ** 0.5)])
     curves = list(csv.DictReader(open(out / "curves.csv")))
     assert {int(r["step"]) for r in curves} == {0, 1, 2}
-    assert all(float(r["held_out_loss"]) > 0 for r in curves)
+    assert all(float(r["held_out_loss_export"]) > 0 for r in curves)
 
     stdout = run("merge_fidelity.py", "--results", str(out), "--arms", "is", "bs1", "--threads", "1",
                  "--sample_inference_steps", "2")
