@@ -84,7 +84,7 @@ def check_ownership(output_dir: str, config: dict, resume: bool, overwrite: bool
         return
     record = read_run_record(output_dir)
     if record is None:
-        leftovers = [os.path.basename(p) for p in run_outputs(output_dir)]
+        leftovers = [os.path.basename(p) for p in run_outputs(output_dir) if os.path.basename(p) != "README.md"]  # a card alone may be the user's
         if leftovers:
             raise RunDirError(
                 f"--output_dir {output_dir} holds files of another run ({', '.join(leftovers[:5])}) without its "
