@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -38,19 +37,30 @@ from reslora_diffusers.distributed import (
     release_ddp_reducer,
     save_state_kwargs,
 )
-from reslora_diffusers.export import STATE_CONFIG_NAME, load_training_state, save_training_state
+from reslora_diffusers.export import load_training_state, save_training_state
+from reslora_diffusers.run_dir import (
+    RunDirError,
+    acquire_lock,
+    check_ownership,
+    clear_run_outputs,
+    latest_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+    write_run_record,
+)
 from reslora_diffusers.sd_run import (
+    CALIBRATION_NAME,
     TARGET_MODULES,
+    export_complete,
     export_run,
     merge_unet,
+    remove_export,
     save_calibration,
     split_calibration,
     step_dir_name,
     unet_forward,
-    write_model_card,
 )
 
-logger = logging.getLogger("train_text_to_image_reslora")
 
 DATASET_ALIASES = {
     "pokemon-blip-captions": "lambdalabs/pokemon-blip-captions",
@@ -65,6 +75,19 @@ DEFAULT_SAMPLE_PROMPTS = [
 # defaults for the embedded tiny base (a short CPU run); hub models get diffusers' defaults
 EMBEDDED_DEFAULTS = dict(resolution=64, train_batch_size=8, max_train_steps=300, learning_rate=1e-3, sample_steps=50)
 HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, learning_rate=1e-4, sample_steps=500)
+POSITIVE_INTS = [
+    "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
+    "checkpointing_steps", "checkpoints_total_limit", "sample_steps", "num_validation_images", "sample_num_inference_steps",
+    "calibration_batches", "max_train_samples", "pokemon_style_size", "merge_window", "rank", "simulate_interrupt_at_step",
+]
+NON_NEGATIVE = ["lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "noise_offset", "adam_weight_decay", "sample_guidance_scale"]
+POSITIVE_FLOATS = ["learning_rate", "adam_epsilon", "snr_gamma"]
+# flags that do not change what a run computes: a resume may change them
+OPERATIONAL_FLAGS = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "simulate_interrupt_at_step", "report_to", "logging_dir",
+    "dataloader_num_workers", "cache_dir", "checkpointing_steps", "checkpoints_total_limit", "max_train_steps",
+    "num_train_epochs", "reslora_config",
+}
 
 
 class TrainingError(RuntimeError):
@@ -114,6 +137,8 @@ def parse_args(input_args=None):
 
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default="reslora-model")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Replace the run already in --output_dir (its checkpoints, samples and export).")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resolution", type=int, default=None)
     g.add_argument("--center_crop", action="store_true")
@@ -172,6 +197,7 @@ def fill_defaults(args):
         args.lora_alpha = float(args.rank)
     if args.dataset is None and args.dataset_name is None and args.train_data_dir is None:
         args.dataset = EMBEDDED_DATASET
+    validate_flags(args)
     if args.merge not in MERGE_METHODS:
         raise TrainingError(f"Unknown --merge {args.merge!r}; choose one of {', '.join(MERGE_METHODS)}.")
     if args.dataset is not None and "/" not in args.dataset and args.dataset != EMBEDDED_DATASET \
@@ -190,15 +216,72 @@ def fill_defaults(args):
         raise TrainingError(str(err)) from err
 
 
+def validate_flags(args):
+    """Refuse impossible values up front, naming the flag (before any model or data is loaded)."""
+    for name in POSITIVE_INTS + NON_NEGATIVE + POSITIVE_FLOATS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name in NON_NEGATIVE and value < 0:
+            raise TrainingError(f"--{name} {value} is negative; it must be 0 or more.")
+        if name not in NON_NEGATIVE and not value > 0:
+            raise TrainingError(f"--{name} {value} must be greater than 0.")
+    if args.resolution % 8:
+        raise TrainingError(f"--resolution {args.resolution} is not a multiple of 8 (the VAE downsamples by 8); use e.g. "
+                            f"{max(8, args.resolution // 8 * 8)}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise TrainingError(f"--{name} {getattr(args, name)} must be in [0, 1).")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        raise TrainingError("--overwrite_output_dir replaces the run that --resume_from_checkpoint would continue; pass one of them.")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        raise TrainingError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder. Pass a checkpoint-N "
+                            "folder or 'latest'.")
+    check_output_dir(args.output_dir)
+
+
+def check_output_dir(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TrainingError(f"--output_dir {path} exists and is not a folder.")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingError(f"--output_dir {path} cannot be written ({existing} is not a writable folder). "
+                            "Choose another --output_dir.")
+
+
+def run_config(args):
+    """What determines a run's result: a resume must match it."""
+    return {k: v for k, v in vars(args).items() if k not in OPERATIONAL_FLAGS}
+
+
 # ----------------------------------------------------------------------------------------- data
+def check_metadata(folder):
+    """Each line of an imagefolder's metadata.jsonl is a JSON object with a file_name."""
+    path = os.path.join(folder, "metadata.jsonl")
+    if not os.path.exists(path):
+        raise TrainingError(f"{folder} has no metadata.jsonl: an imagefolder needs one with file_name and captions.")
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise TrainingError(f"{path} line {number} is not valid JSON ({err}). Each line must be one JSON object "
+                                    "with file_name and a caption.") from None
+            if not isinstance(row, dict) or "file_name" not in row:
+                raise TrainingError(f"{path} line {number} is not a JSON object with a \"file_name\" key.")
+
+
 def load_raw_dataset(args):
     """A datasets.Dataset with image and caption columns, from an alias, the hub, a folder or the embedded set."""
     import datasets
 
     if args.train_data_dir or (args.dataset and os.path.isdir(args.dataset)):
         folder = args.train_data_dir or args.dataset
-        if not os.path.exists(os.path.join(folder, "metadata.jsonl")):
-            raise TrainingError(f"{folder} has no metadata.jsonl: an imagefolder needs one with file_name and captions.")
+        check_metadata(folder)
         return datasets.load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=args.cache_dir)
     if args.dataset == EMBEDDED_DATASET and args.dataset_name is None:
         from reslora_diffusers.pokemon_style import make_pokemon_style_dataset
@@ -249,7 +332,21 @@ def open_image(value):
     else:
         raise ValueError(f"not an image: {type(value).__name__}")
     image.load()
-    return image.convert("RGB")
+    return to_8bit(image).convert("RGB")
+
+
+def to_8bit(image):
+    """Scale 16-bit (and 32-bit integer) images to 8 bits: PIL's convert() would clip them to white."""
+    from PIL import Image
+
+    if image.mode == "F":
+        raise ValueError("floating-point images (PIL mode F) are not supported; save the images with 8 or 16 bits")
+    if not image.mode.startswith("I"):
+        return image
+    array = np.asarray(image).astype(np.int64)
+    if array.min() < 0 or array.max() > 65535:
+        raise ValueError(f"{image.mode} image with values outside 0..65535 is not supported; save it with 8 or 16 bits")
+    return Image.fromarray(np.round(array / 257).astype(np.uint8), "L")
 
 
 def transform_image(image, resolution, center_crop, random_flip, rng):
@@ -395,9 +492,7 @@ class Sampler:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         self.args, self.accelerator = args, accelerator
-        self.prompts = list(args.sample_prompts or DEFAULT_SAMPLE_PROMPTS)
-        if args.validation_prompt:
-            self.prompts.insert(0, args.validation_prompt)
+        self.prompts = sample_prompts(args)
         self.seeds = list(range(args.num_validation_images))
         self.unet = unet
         self.pipe = StableDiffusionPipeline(
@@ -475,34 +570,6 @@ class Sampler:
         os.replace(tmp, Path(self.args.output_dir) / "progress_grid.png")
 
 
-# ---------------------------------------------------------------------------------- checkpoints
-def checkpoint_dirs(output_dir):
-    dirs = [d for d in Path(output_dir).glob("checkpoint-*") if d.is_dir() and d.name.split("-")[1].isdigit()]
-    return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
-
-
-def save_checkpoint(accelerator, args, step):
-    """accelerator.save_state into a temporary folder, renamed when complete."""
-    final = Path(args.output_dir) / f"checkpoint-{step}"
-    tmp = Path(args.output_dir) / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = checkpoint_dirs(args.output_dir)
-        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(old)
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), **save_state_kwargs(accelerator))  # DeepSpeed: without the frozen base
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        logger.info(f"Saved checkpoint {final}")
-    accelerator.wait_for_everyone()
-    return final
-
-
 # ----------------------------------------------------------------------------------------- main
 def main(args):
     from accelerate import Accelerator
@@ -533,7 +600,13 @@ def main(args):
     accelerator.print(f"Training mode: {mode}, {accelerator.num_processes} process(es), device {accelerator.device}")
     set_seed(args.seed)
 
-    # --- everything that can be wrong with the inputs is checked before any training
+    # --- the output dir is ours, and everything that can be wrong with the inputs is checked before any write
+    lock = acquire_lock(args.output_dir) if accelerator.is_main_process else None  # noqa: F841 (held until exit)
+    check_ownership(args.output_dir, run_config(args), bool(args.resume_from_checkpoint), args.overwrite_output_dir,
+                    finished=export_complete(args.output_dir))
+    resume_path, resume_step = resolve_checkpoint(args)
+    if args.resume_from_checkpoint and resume_path is None:
+        accelerator.print(f"No checkpoint to resume from in {args.output_dir}; starting a new run.")
     raw = load_raw_dataset(args)
     check_columns(raw, args)
     raw = undecoded(raw, args.image_column)
@@ -545,8 +618,6 @@ def main(args):
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
 
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for module in (vae, text_encoder, unet):
         module.requires_grad_(False)
@@ -561,8 +632,14 @@ def main(args):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    run_info = {"pretrained_model_name_or_path": model_path,
-                "revision": args.revision, "dataset": args.dataset_name or args.train_data_dir or args.dataset}
+    dataset_name = args.dataset_name or args.train_data_dir or args.dataset
+    prompts = sample_prompts(args)
+    card = {"base_model": model_path, "dataset": dataset_name, "structure": args.reslora_structure, "pre_num": args.pre_num,
+            "rank": args.rank, "lora_alpha": args.lora_alpha, "resolution": args.resolution,
+            "learning_rate": args.learning_rate, "seed": args.seed, "example_prompt": prompts[0],
+            "shortcut_decay": args.shortcut_decay, "merge_at": args.merge_at}
+    run_info = {"pretrained_model_name_or_path": model_path, "revision": args.revision, "dataset": dataset_name,
+                "card": card, "steps": resume_step}
 
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -600,25 +677,26 @@ def main(args):
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
-    if accelerator.is_main_process and report_to != "none":
-        accelerator.init_trackers("reslora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    if resume_step >= args.max_train_steps and export_complete(args.output_dir):
+        accelerator.print(f"{args.output_dir} is trained to step {resume_step} (--max_train_steps {args.max_train_steps}) "
+                          "and exported; nothing to do.")
+        return finish(accelerator, unet, 0)
 
     # --- fixed calibration set (ls merge and merge error), from the first examples and fixed noise
     calibration = build_calibration(args, train_dataset, vae, text_encoder, noise_scheduler, accelerator, weight_dtype)
-    if accelerator.is_main_process:
-        save_calibration(calibration, args.output_dir)
+    if accelerator.is_main_process:  # every input is checked: from here on the run writes to its output dir
+        claim_output_dir(args, resume_path, resume_step, calibration)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and report_to != "none":
+        accelerator.init_trackers("reslora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     global_step, first_epoch, resume_skip = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = resolve_checkpoint(args)
-        if path is None:
-            accelerator.print(f"No checkpoint to resume from in {args.output_dir}; starting a new run.")
-        else:
-            accelerator.print(f"Resuming from {path}")
-            accelerator.load_state(str(path), **load_state_kwargs(accelerator))
-            global_step = int(path.name.split("-")[1])
-            first_epoch = global_step // updates_per_epoch
-            resume_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    if resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path), **load_state_kwargs(accelerator))
+        global_step = resume_step
+        first_epoch = global_step // updates_per_epoch
+        resume_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
     # lambda for each step, and merge_at's in-place merge (on every rank, on the same fit half)
     schedule = ShortcutSchedule(accelerator.unwrap_model(unet), args.max_train_steps, optimizer, args.merge,
@@ -644,7 +722,8 @@ def main(args):
     unet.train()
     start = time.time()
     try:
-        for epoch in range(first_epoch, num_epochs):
+        # a resume at or past --max_train_steps trains nothing
+        for epoch in range(first_epoch, num_epochs) if global_step < args.max_train_steps else ():
             sampler.use_epoch(epoch)
             train_dataset.use_epoch(epoch)
             loader = dataloader
@@ -672,14 +751,15 @@ def main(args):
                 micro = 0
                 step_loss = accelerator.reduce(accumulated, "mean")
                 accumulated = torch.zeros((), device=accelerator.device)
-                if not torch.isfinite(step_loss):
+                if not (torch.isfinite(step_loss) & all_finite(params)):  # after the step: the weights it made
                     raise TrainingError(
-                        f"Non-finite loss ({step_loss.item()}) at step {global_step + 1}; stopping without saving it. "
-                        f"Last good checkpoint: {last_checkpoint or 'none'}. Lower --learning_rate, set "
-                        "--max_grad_norm, or use --mixed_precision bf16/no instead of fp16."
+                        f"Non-finite loss ({step_loss.item()}) or LoRA weights at step {global_step + 1}; stopping "
+                        f"without saving it and without an export. Last good checkpoint: {last_checkpoint or 'none'}. "
+                        "Lower --learning_rate, set --max_grad_norm, or use --mixed_precision bf16/no instead of fp16."
                     )
                 global_step += 1
                 lam = schedule.update(global_step)  # before checkpoint and samples: the state after this step
+                run_info["steps"] = global_step
                 progress.update(1)
                 logs = {"loss": step_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
                 if args.shortcut_decay or args.merge_at:
@@ -687,7 +767,7 @@ def main(args):
                 progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
                 accelerator.log(logs, step=global_step)
                 if global_step % args.checkpointing_steps == 0:
-                    last_checkpoint = save_checkpoint(accelerator, args, global_step)
+                    last_checkpoint = checkpoint(accelerator, args, global_step)
                 if global_step % args.sample_steps == 0:
                     sync_merge_statistics(accelerator, unet)  # on every rank, before the main process merges
                     if sampler_obj is not None:
@@ -695,7 +775,8 @@ def main(args):
                 if args.simulate_interrupt_at_step == global_step:
                     stop["signal"] = signal.SIGTERM
                 if stop_requested(stop, accelerator):
-                    last_checkpoint = save_checkpoint(accelerator, args, global_step)
+                    if last_checkpoint is None or last_checkpoint.name != f"checkpoint-{global_step}":
+                        last_checkpoint = checkpoint(accelerator, args, global_step)
                     accelerator.print(f"Stopped at step {global_step}; resume with --resume_from_checkpoint latest.")
                     exit_code = 128 + int(stop["signal"] or signal.SIGTERM)
                     return exit_code
@@ -703,7 +784,7 @@ def main(args):
                     break
             if global_step >= args.max_train_steps:
                 break
-    except TrainingError as err:
+    except (TrainingError, RunDirError) as err:
         accelerator.print(f"ERROR: {err}")
         return 1
     finally:
@@ -718,23 +799,18 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
-        if global_step % args.sample_steps != 0:
+        if not (sampler_obj.samples_dir / step_dir_name(global_step)).is_dir():
             sampler_obj.snapshot(global_step, calibration)
         save_training_state(model, args.output_dir, extra=run_info)
         model.eval()
-        report = export_run(model, args.output_dir, args.merge, calibration,
-                            extra={"steps": global_step, "train_seconds": round(elapsed, 1), "skipped_images": len(bad_images),
-                                   "merge_at_report": schedule.merge_report})
-        write_model_card(args.output_dir, {
-            "base_model": model_path, "dataset": run_info["dataset"],
-            "structure": args.reslora_structure, "pre_num": args.pre_num, "rank": args.rank,
-            "lora_alpha": args.lora_alpha, "merge": report["method"], "shortcut_decay": args.shortcut_decay,
-            "merge_at": args.merge_at,
-            "steps": global_step, "resolution": args.resolution, "learning_rate": args.learning_rate, "seed": args.seed,
-            "held_out_error": report.get("held_out", {}).get("relative_output_error"),
-            "example_prompt": sampler_obj.prompts[0],
-        })
+        export_run(model, args.output_dir, args.merge, calibration, card=card,
+                   extra={"steps": global_step, "train_seconds": round(elapsed, 1), "skipped_images": len(bad_images),
+                          "merge_at_report": schedule.merge_report})
         accelerator.print(f"Done: {global_step} steps in {elapsed:.0f}s. Merged LoRA in {args.output_dir}.")
+    return finish(accelerator, unet, exit_code)
+
+
+def finish(accelerator, unet, exit_code):
     accelerator.wait_for_everyone()  # the other ranks wait for the export, then all leave together
     release_ddp_reducer(unet)  # before end_training() destroys the process group: avoids a hang at exit
     accelerator.end_training()
@@ -759,13 +835,43 @@ def resolve_report_to(value):
 
 
 def resolve_checkpoint(args):
+    """(verified checkpoint folder, its step) to resume from, or (None, 0)."""
+    if not args.resume_from_checkpoint:
+        return None, 0
     if args.resume_from_checkpoint == "latest":
-        dirs = checkpoint_dirs(args.output_dir)
-        return dirs[-1] if dirs else None
-    path = Path(args.resume_from_checkpoint)
-    if not path.is_dir() or not (path / STATE_CONFIG_NAME).exists():
-        raise TrainingError(f"--resume_from_checkpoint {path}: not a checkpoint folder of this script.")
-    return path
+        path = latest_checkpoint(args.output_dir)
+        if path is None:
+            return None, 0
+    else:
+        path = Path(args.resume_from_checkpoint)
+    return path, verify_checkpoint(path)["step"]
+
+
+def claim_output_dir(args, resume_path, resume_step, calibration):
+    """The first writes: clear a replaced run (or a stale export), record this run's configuration and trajectory head,
+    save the calibration set."""
+    if args.overwrite_output_dir:
+        clear_run_outputs(args.output_dir)
+    elif resume_step < args.max_train_steps:  # training goes on: an export in the dir is not of this trajectory's end
+        remove_export(args.output_dir)
+    inside = resume_path is not None and resume_path.resolve().parent == Path(args.output_dir).resolve()
+    write_run_record(args.output_dir, run_config(args), resume_path.name if inside else None)
+    if resume_path is None or not os.path.exists(os.path.join(args.output_dir, CALIBRATION_NAME)):
+        save_calibration(calibration, args.output_dir)
+
+
+def checkpoint(accelerator, args, step):
+    return save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, **save_state_kwargs(accelerator))
+
+
+def all_finite(params):
+    """One device tensor: every parameter is finite (no host sync until it is read)."""
+    return torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()
+
+
+def sample_prompts(args):
+    prompts = list(args.sample_prompts or DEFAULT_SAMPLE_PROMPTS)
+    return [args.validation_prompt, *prompts] if args.validation_prompt else prompts
 
 
 def stop_requested(stop, accelerator):
@@ -844,6 +950,11 @@ def build_calibration(args, dataset, vae, text_encoder, noise_scheduler, acceler
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             hidden = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
             batches.append((noisy.float().cpu(), timesteps.cpu(), hidden.float().cpu()))
+    if not batches:
+        raise TrainingError(
+            f"No image of the dataset could be read ({len(dataset)} example(s), column {args.image_column!r}). Check the "
+            "image files, or pass --image_column with the column that holds the images."
+        )
     return batches
 
 
@@ -851,7 +962,7 @@ def cli(argv=None):
     try:
         args = parse_args(argv)
         return main(args)
-    except TrainingError as err:
+    except (TrainingError, RunDirError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
     finally:  # a process group left to the interpreter's exit can hang once a peer is gone

@@ -29,7 +29,14 @@ STATE_CONFIG_NAME = "reslora_training_state.json"
 STATE_FORMAT_VERSION = 1
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_path(path: str):
+    """A temporary file beside ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
@@ -37,12 +44,35 @@ def _atomic_path(path: str):
     return tmp
 
 
+def _publish(tmp: str, path: str):
+    """Give ``tmp`` the mode a plain ``open()`` would (mkstemp makes 0600), then rename it to ``path``."""
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
+
+
+def load_safetensors(path: str) -> dict:
+    """``safetensors.load_file`` whose errors name the file."""
+    try:
+        return load_file(path)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}).") from err
+
+
+def read_json(path: str):
+    """``json.load`` whose errors name the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({type(err).__name__}: {err}).") from err
+
+
 def atomic_save_file(tensors: dict, path: str, metadata: Optional[dict] = None):
     """``safetensors.save_file`` to a temporary file, then rename into place."""
     tmp = _atomic_path(path)
     try:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -53,7 +83,7 @@ def atomic_write_text(text: str, path: str):
     try:
         with open(tmp, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -190,9 +220,8 @@ def read_training_state_config(save_directory: str) -> dict:
         raise FileNotFoundError(
             f"No ResLoRA training state in {save_directory} (expected {STATE_CONFIG_NAME} and {STATE_WEIGHT_NAME})."
         )
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != "reslora-training-state":
+    meta = read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != "reslora-training-state":
         raise ValueError(f"{path} is not a ResLoRA training state.")
     return meta
 
@@ -213,7 +242,7 @@ def load_training_state(model, save_directory: str):
             f"The saved state is ResLoRA '{config.structure}' pre_num={config.pre_num}, but the model has "
             f"'{controller.config.structure}' pre_num={controller.config.pre_num}."
         )
-    tensors = load_file(os.path.join(save_directory, STATE_WEIGHT_NAME))
+    tensors = load_safetensors(os.path.join(save_directory, STATE_WEIGHT_NAME))
     missing = [n for n in controller.variants if f"{n}.lora_A" not in tensors]
     if missing:
         raise ValueError(f"The saved state lacks ResLoRA modules {missing[:5]} (of {len(missing)}).")

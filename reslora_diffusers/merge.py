@@ -3,34 +3,39 @@
     python -m reslora_diffusers.merge OUTPUT_DIR --merge ls
 
 Reads the unmerged training state and the calibration set the run saved, loads the base UNet it was
-trained on, and rewrites ``pytorch_lora_weights.safetensors`` and ``merge_report.json``.
+trained on, and rewrites ``pytorch_lora_weights.safetensors``, ``merge_report.json`` and the model
+card as one set. A checkpoint folder can be read, but the export must go elsewhere (``--output_dir``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .config import MERGE_METHODS
 from .export import load_training_state, read_training_state_config
-from .sd_run import export_run, load_calibration
+from .run_dir import MANIFEST_NAME
+from .sd_run import CALIBRATION_NAME, export_run, load_calibration
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reslora_diffusers.merge", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", help="A training output_dir (or a checkpoint-N folder inside it).")
-    parser.add_argument("--merge", choices=MERGE_METHODS, required=True, help="Merge method for is/ms.")
-    parser.add_argument("--output_dir", default=None, help="Where to write the export (default: run_dir).")
-    parser.add_argument("--pretrained_model_name_or_path", default=None, help="Base model (default: the run's).")
-    parser.add_argument("--svd_rank", type=int, default=None, help="Compress bs factors to this rank.")
-    args = parser.parse_args(argv)
+def is_checkpoint(path: str) -> bool:
+    return os.path.exists(os.path.join(path, MANIFEST_NAME)) or re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.abspath(path))) is not None
 
+
+def remerge(args) -> str:
+    out = args.output_dir or args.run_dir
+    if is_checkpoint(out):
+        raise ValueError(
+            f"{out} is a training checkpoint; writing an export into it would change the checkpoint. "
+            "Pass --output_dir with another folder."
+        )
     meta = read_training_state_config(args.run_dir)
     run_info = meta.get("extra", {})
     base = args.pretrained_model_name_or_path or run_info.get("pretrained_model_name_or_path")
     if not base:
-        parser.error("The run does not name its base model; pass --pretrained_model_name_or_path.")
+        raise ValueError(f"The run in {args.run_dir} does not name its base model; pass --pretrained_model_name_or_path.")
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=run_info.get("revision"))
@@ -38,16 +43,32 @@ def main(argv=None) -> int:
     load_training_state(unet, args.run_dir)
     unet.eval()
     calib_dir = args.run_dir
-    if not os.path.exists(os.path.join(calib_dir, "reslora_calibration.safetensors")):
+    if not os.path.exists(os.path.join(calib_dir, CALIBRATION_NAME)):
         calib_dir = os.path.dirname(os.path.abspath(args.run_dir))  # a checkpoint folder: the run's
     calibration = load_calibration(calib_dir)
-    out = args.output_dir or args.run_dir
-    report = export_run(unet, out, args.merge, calibration, svd_rank=args.svd_rank, extra={"re_merged_from": args.run_dir})
+    extra = {"re_merged_from": args.run_dir, "steps": run_info.get("steps")}
+    card = run_info.get("card") or {"base_model": base, "dataset": run_info.get("dataset")}
+    report = export_run(unet, out, args.merge, calibration, svd_rank=args.svd_rank, extra=extra, card=card)
     held = report.get("held_out", {})
-    print(
+    return (
         f"Merged '{report['structure']}' with '{args.merge}' into {out}: held-out relative UNet output error "
         f"{held.get('relative_output_error', float('nan')):.3g}, adapter error {held.get('relative_adapter_error', float('nan')):.3g}"
     )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reslora_diffusers.merge", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="A training output_dir (or a checkpoint-N folder inside it, with --output_dir).")
+    parser.add_argument("--merge", choices=MERGE_METHODS, required=True, help="Merge method for is/ms.")
+    parser.add_argument("--output_dir", default=None, help="Where to write the export (default: run_dir).")
+    parser.add_argument("--pretrained_model_name_or_path", default=None, help="Base model (default: the run's).")
+    parser.add_argument("--svd_rank", type=int, default=None, help="Compress bs factors to this rank.")
+    args = parser.parse_args(argv)
+    try:
+        print(remerge(args))
+    except (OSError, ValueError) as err:  # the loaders' messages name the file
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file
 
-from .export import DIFFUSERS_WEIGHT_NAME, atomic_save_file, atomic_write_text, save_merged_lora
+from .export import DIFFUSERS_WEIGHT_NAME, atomic_save_file, atomic_write_text, load_safetensors, read_json, save_merged_lora
 from .merging import merge_error, merge_reslora
 from .model import get_controller
+from .run_dir import file_sha256
 
 CALIBRATION_NAME = "reslora_calibration.safetensors"
 REPORT_NAME = "merge_report.json"
+CARD_NAME = "README.md"
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -46,7 +48,7 @@ def load_calibration(output_dir: str) -> list[tuple]:
     path = os.path.join(output_dir, CALIBRATION_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No calibration set {path}; it is written by train_text_to_image_reslora.py.")
-    tensors = load_file(path)
+    tensors = load_safetensors(path)
     count = len({k.split(".")[0] for k in tensors})
     return [
         (tensors[f"{i}.noisy_latents"], tensors[f"{i}.timesteps"], tensors[f"{i}.encoder_hidden_states"])
@@ -84,19 +86,52 @@ def merge_unet(unet, method: str, calibration_batches: Optional[list] = None, sv
     return result
 
 
-def export_run(unet, output_dir: str, method: str, calibration_batches: Optional[list], svd_rank=None, extra=None):
-    """Merge, write ``pytorch_lora_weights.safetensors`` and ``merge_report.json``; returns the report."""
+def export_run(unet, output_dir: str, method: str, calibration_batches: Optional[list], svd_rank=None, extra=None,
+               card: Optional[dict] = None):
+    """Merge; write ``pytorch_lora_weights.safetensors``, ``merge_report.json`` and (given ``card``) the model card.
+
+    The three are written to a staging folder, then renamed into place with the report last. The report
+    records the LoRA's SHA-256, so a set left half-renamed by a crash is detected (:func:`export_complete`).
+    """
     result = merge_unet(unet, method, calibration_batches, svd_rank)
-    save_merged_lora(result, output_dir, format="diffusers", prefix="unet")
-    report = dict(result.report)
-    if extra:
-        report.update(extra)
-    atomic_write_text(json.dumps(report, indent=2, sort_keys=True), os.path.join(output_dir, REPORT_NAME))
+    report = {**result.report, **(extra or {})}
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=output_dir) as staging:
+        lora = save_merged_lora(result, staging, format="diffusers", prefix="unet")
+        report["lora_sha256"] = file_sha256(lora)
+        atomic_write_text(json.dumps(report, indent=2, sort_keys=True), os.path.join(staging, REPORT_NAME))
+        names = [DIFFUSERS_WEIGHT_NAME]
+        if card is not None:
+            merge = report["method"]  # "exact" for bs, and for is/ms once the shortcuts are gone (lambda = 0)
+            held = report.get("held_out", {}).get("relative_output_error")
+            info = {**card, "merge": merge, "steps": report.get("steps"), "held_out_error": held}
+            atomic_write_text(model_card(output_dir, info), os.path.join(staging, CARD_NAME))
+            names.append(CARD_NAME)
+        for name in [*names, REPORT_NAME]:
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
     return report
 
 
-def write_model_card(output_dir: str, info: dict):
-    """A diffusers-style model card ``README.md`` for the exported LoRA."""
+def remove_export(output_dir: str):
+    """Remove an export's report (its commit record) and LoRA."""
+    for name in (REPORT_NAME, DIFFUSERS_WEIGHT_NAME):
+        if os.path.exists(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
+
+
+def export_complete(output_dir: str) -> bool:
+    """The export's LoRA and report are there and belong together."""
+    lora, report = os.path.join(output_dir, DIFFUSERS_WEIGHT_NAME), os.path.join(output_dir, REPORT_NAME)
+    if not (os.path.exists(lora) and os.path.exists(report)):
+        return False
+    try:
+        return read_json(report).get("lora_sha256") == file_sha256(lora)
+    except (ValueError, AttributeError):
+        return False
+
+
+def model_card(output_dir: str, info: dict) -> str:
+    """A diffusers-style model card (``README.md``) for the LoRA exported to ``output_dir``."""
     base = info.get("base_model", "")
     lines = [
         "---",
@@ -147,7 +182,7 @@ def write_model_card(output_dir: str, info: dict):
         "state (`reslora_training_state.*`) can be re-merged with `python -m reslora_diffusers.merge DIR --merge ls`.",
         "",
     ]
-    atomic_write_text("\n".join(lines), os.path.join(output_dir, "README.md"))
+    return "\n".join(lines)
 
 
 def step_dir_name(step: int) -> str:
