@@ -42,7 +42,7 @@ def test_convergence_then_merge_fidelity(tmp_path):
     while it sat at an edge), the evaluation seeds are not the tuning seeds, LoRA also ran at its LR / sqrt(2)
     and x sqrt(2), and the paired differences are the arms' export losses minus LoRA's."""
     out = tmp_path / "conv"
-    stdout = run("convergence.py", "--arms", "lora", "is", "bs1", "--lrs", "1e-3", "2e-3", "--tune_seeds", "100",
+    stdout = run("convergence.py", "--arms", "lora", "is", "--lrs", "1e-3", "2e-3", "--tune_seeds", "100",
                  "--eval_seeds", "0", "--steps", "2", "--eval_every", "1", "--max_extend", "1", "--jobs", "1",
                  "--out", str(out))
     assert "| ResLoRA is |" in stdout
@@ -68,10 +68,9 @@ def test_convergence_then_merge_fidelity(tmp_path):
     assert {int(r["step"]) for r in curves} == {0, 1, 2}
     assert all(float(r["held_out_loss_export"]) > 0 for r in curves)
 
-    stdout = run("merge_fidelity.py", "--results", str(out), "--arms", "is", "bs1", "--threads", "1",
+    stdout = run("merge_fidelity.py", "--results", str(out), "--arms", "is", "--threads", "1",
                  "--sample_inference_steps", "2")
     rows = list(csv.DictReader(open(out / "merge_fidelity.csv")))
     merges = {(r["arm"], r["merge"]) for r in rows}
     assert {("ResLoRA is", m) for m in ("unmerged", "no", "bi", "bw", "ls")} <= merges
-    assert all(float(r["relative_output_error"]) < 1e-5 for r in rows if r["merge"] == "exact")
     assert any(float(r["relative_output_error"]) > 0 for r in rows if r["merge"] == "no")  # is: 'no' is inexact
