@@ -38,7 +38,14 @@ from reslora_diffusers.distributed import (
     release_ddp_reducer,
     save_state_kwargs,
 )
-from reslora_diffusers.export import STATE_CONFIG_NAME, load_training_state, save_training_state
+from reslora_diffusers.export import (
+    DIFFUSERS_WEIGHT_NAME,
+    EXPORT_FORMATS,
+    KOHYA_WEIGHT_NAME,
+    STATE_CONFIG_NAME,
+    load_training_state,
+    save_training_state,
+)
 from reslora_diffusers.sd_run import (
     TARGET_MODULES,
     export_run,
@@ -55,6 +62,7 @@ DATASET_ALIASES = {
     "naruto-blip-captions": "lambdalabs/naruto-blip-captions",
 }
 EMBEDDED_DATASET = "pokemon-style"
+EXPORT_SAMPLES_DIR = "export"  # samples/export/: from the exported file, loaded by stock diffusers
 DEFAULT_SAMPLE_PROMPTS = [
     "a green cartoon creature with big eyes and a long tail",
     "a pink cartoon creature with small ears",
@@ -63,6 +71,9 @@ DEFAULT_SAMPLE_PROMPTS = [
 # defaults for the embedded tiny base (a short CPU run); hub models get diffusers' defaults
 EMBEDDED_DEFAULTS = dict(resolution=64, train_batch_size=8, max_train_steps=300, learning_rate=1e-3, sample_steps=50)
 HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, learning_rate=1e-4, sample_steps=500)
+# --image_interpolation_mode: torchvision's InterpolationMode names (as upstream) -> PIL resampling filters
+INTERPOLATION_MODES = {"nearest": "NEAREST", "nearest_exact": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC",
+                       "box": "BOX", "hamming": "HAMMING", "lanczos": "LANCZOS"}
 
 
 class TrainingError(RuntimeError):
@@ -109,6 +120,8 @@ def parse_args(input_args=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resolution", type=int, default=None)
     g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--image_interpolation_mode", choices=list(INTERPOLATION_MODES), default="bilinear",
+                   help="Resize filter (upstream's default is lanczos; bilinear keeps this script's earlier runs).")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--train_batch_size", type=int, default=None)
     g.add_argument("--num_train_epochs", type=int, default=100)
@@ -131,6 +144,9 @@ def parse_args(input_args=None):
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit (needs bitsandbytes and CUDA).")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention in the UNet (needs xformers and CUDA).")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=500)
@@ -146,9 +162,20 @@ def parse_args(input_args=None):
     g.add_argument("--num_validation_images", type=int, default=1, help="Seeds per prompt in each snapshot.")
     g.add_argument("--sample_num_inference_steps", type=int, default=20)
     g.add_argument("--sample_guidance_scale", type=float, default=4.0)
+    g.add_argument("--validation_epochs", type=int, default=None,
+                   help="Also sample at the end of every N-th epoch (upstream's validation cadence; default: only "
+                   "--sample_steps).")
     g.add_argument("--sample_unmerged", action="store_true", help="Also save the unmerged view (is/ms).")
     g.add_argument("--report_to", default=None, help="tensorboard, wandb, all or none. Default: tensorboard if installed.")
     g.add_argument("--logging_dir", default="logs")
+
+    g = p.add_argument_group("export")
+    g.add_argument("--export_format", choices=EXPORT_FORMATS, default="both",
+                   help=f"diffusers: {DIFFUSERS_WEIGHT_NAME} (load_lora_weights); kohya: {KOHYA_WEIGHT_NAME} "
+                   "(ComfyUI, A1111; diffusers loads it too); both.")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload the export and samples to the hub at the end.")
+    g.add_argument("--hub_model_id", default=None, help="Hub repository (default: the output_dir's name).")
+    g.add_argument("--hub_token", default=None)
     args = p.parse_args(input_args)
     fill_defaults(args)
     return args
@@ -243,13 +270,14 @@ def open_image(value):
     return image.convert("RGB")
 
 
-def transform_image(image, resolution, center_crop, random_flip, rng):
+def transform_image(image, resolution, center_crop, random_flip, rng, interpolation="bilinear"):
     """Resize (shorter side), crop, maybe flip, to a [-1, 1] CHW tensor. PIL + numpy only."""
     from PIL import Image
 
     w, h = image.size
     scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+    resample = getattr(Image.Resampling, INTERPOLATION_MODES[interpolation])
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), resample)
     w, h = image.size
     if center_crop:
         left, top = (w - resolution) // 2, (h - resolution) // 2
@@ -293,7 +321,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
             return_tensors="pt",
         ).input_ids[0]
-        pixels = transform_image(image, self.args.resolution, self.args.center_crop, self.args.random_flip, rng)
+        pixels = transform_image(image, self.args.resolution, self.args.center_crop, self.args.random_flip, rng,
+                                 self.args.image_interpolation_mode)
         return {"pixel_values": pixels, "input_ids": ids}
 
 
@@ -358,6 +387,7 @@ def load_components(args):
             "--pretrained_model_name_or_path at a pipeline saved with save_pretrained, or a hub id such as "
             "stabilityai/stable-diffusion-2."
         )
+    refuse_sdxl(path, args.revision)
     kw = dict(revision=args.revision)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=args.revision)
@@ -376,6 +406,21 @@ def load_components(args):
             f"{str(err)[:300]}). It needs tokenizer/, text_encoder/, vae/, unet/ and scheduler/.{hint}"
         ) from err
     return path, tokenizer, text_encoder, vae, unet, scheduler
+
+
+def refuse_sdxl(path, revision):
+    """SDXL (two text encoders, time ids) is not supported by this script yet: say so before loading weights."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(path, revision=revision)
+    except Exception:  # unreachable or not a pipeline: load_components reports it
+        return
+    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
+        raise TrainingError(
+            f"{path} is an SDXL pipeline ({index.get('_class_name')}); SDXL (two text encoders, time ids) is not "
+            "supported by this script yet. Use an SD 1.x/2.x pipeline."
+        )
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -398,6 +443,7 @@ class Sampler:
         )
         self.pipe.set_progress_bar_config(disable=True)
         self.samples_dir = Path(args.output_dir) / "samples"
+        self.last_step = None  # the step of the latest snapshot
 
     def _autocast(self):
         precision = self.accelerator.mixed_precision
@@ -406,14 +452,14 @@ class Sampler:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.accelerator.device.type, dtype=dtype)  # fp32 LoRA beside 16-bit weights
 
-    def generate(self):
+    def generate(self, pipe=None):
         rows = []
         for prompt in self.prompts:
             row = []
             for seed in self.seeds:
                 g = torch.Generator(device=self.accelerator.device).manual_seed(seed)
                 with self._autocast():
-                    image = self.pipe(
+                    image = (pipe or self.pipe)(
                         prompt, num_inference_steps=self.args.sample_num_inference_steps,
                         guidance_scale=self.args.sample_guidance_scale, generator=g,
                         height=self.args.resolution, width=self.args.resolution,
@@ -437,7 +483,18 @@ class Sampler:
                 views["unmerged"] = self.generate()
         finally:
             model.train(was_training)
-        folder = self.samples_dir / step_dir_name(step)
+        self.last_step = step
+        self.save(self.samples_dir / step_dir_name(step), views, step, "samples")
+        return merged
+
+    @torch.no_grad()
+    def export_snapshot(self, pipe, step):
+        """Samples from a fresh pipeline that loaded the exported file: the grid's last column, "export"."""
+        pipe.set_progress_bar_config(disable=True)
+        self.save(self.samples_dir / EXPORT_SAMPLES_DIR, {"": self.generate(pipe)}, step, "export")
+
+    def save(self, folder, views, step, tag):
+        """Write the images of ``views`` ({subfolder: rows}), redraw the grid, send both to the trackers."""
         for sub, rows in views.items():
             (folder / sub).mkdir(parents=True, exist_ok=True)
             for i, row in enumerate(rows):
@@ -445,25 +502,57 @@ class Sampler:
                     image.save(folder / sub / f"prompt-{i:02d}_seed-{seed}.png")
         with open(folder / "prompts.json", "w") as f:
             json.dump({"prompts": self.prompts, "seeds": self.seeds}, f, indent=2)
-        self.draw_grid()
-        return merged
+        grid = self.draw_grid()
+        log_images(self.accelerator, {tag: [im for row in views[""] for im in row], "progress_grid": [grid]}, step)
 
     def draw_grid(self):
         from PIL import Image
 
         from reslora_diffusers.grids import make_grid
 
-        steps = sorted(self.samples_dir.glob("step-*"))
-        if not steps:
-            return
+        columns = sorted(self.samples_dir.glob("step-*"))
+        labels = [f"step {int(s.name.split('-')[1])}" for s in columns]
+        if (self.samples_dir / EXPORT_SAMPLES_DIR).is_dir():
+            columns.append(self.samples_dir / EXPORT_SAMPLES_DIR)
+            labels.append("export")
         rows = []
         for i, _ in enumerate(self.prompts):
-            rows.append([Image.open(s / f"prompt-{i:02d}_seed-{self.seeds[0]}.png").convert("RGB") for s in steps])
-        labels = [f"step {int(s.name.split('-')[1])}" for s in steps]
+            rows.append([Image.open(s / f"prompt-{i:02d}_seed-{self.seeds[0]}.png").convert("RGB") for s in columns])
         grid = make_grid(rows, row_labels=self.prompts, col_labels=labels)
         tmp = Path(self.args.output_dir) / ".progress_grid.png.tmp"
         grid.save(tmp, format="PNG")
         os.replace(tmp, Path(self.args.output_dir) / "progress_grid.png")
+        return grid
+
+
+def log_images(accelerator, images, step):
+    """Send ``{tag: [PIL images]}`` to the trackers, as diffusers' log_validation does."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for tag, ims in images.items():
+                if len({im.size for im in ims}) == 1:
+                    tracker.writer.add_images(tag, np.stack([np.asarray(im.convert("RGB")) for im in ims]), step,
+                                              dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(im) for im in ims] for tag, ims in images.items()}, step=step)
+
+
+def sample_from_export(args, sampler_obj, model_path, export_dir, weight_dtype, step):
+    """Reload the export with stock diffusers into a fresh pipeline and sample the fixed prompts and seeds."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_path, revision=args.revision, variant=args.variant, dtype=weight_dtype, safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if args.prediction_type is not None:
+        pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
+    weight_name = KOHYA_WEIGHT_NAME if args.export_format == "kohya" else DIFFUSERS_WEIGHT_NAME
+    pipe.load_lora_weights(export_dir, weight_name=weight_name)
+    sampler_obj.export_snapshot(pipe.to(sampler_obj.accelerator.device), step)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -504,6 +593,7 @@ def main(args):
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     report_to = resolve_report_to(args.report_to)
+    check_optional_features(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -517,6 +607,7 @@ def main(args):
     except UnsupportedDistributedMode as err:
         raise TrainingError(str(err)) from err
     accelerator.print(f"Training mode: {mode}, {accelerator.num_processes} process(es), device {accelerator.device}")
+    hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     set_seed(args.seed)
 
     # --- everything that can be wrong with the inputs is checked before any training
@@ -544,6 +635,8 @@ def main(args):
         cast_training_params(unet, dtype=torch.float32)  # LoRA weights (and merge statistics) stay fp32
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # diffusers' default is non-reentrant: exact for is/ms
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -574,7 +667,13 @@ def main(args):
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -680,6 +779,10 @@ def main(args):
                     return exit_code
                 if global_step >= args.max_train_steps:
                     break
+            if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and global_step % args.sample_steps:
+                sync_merge_statistics(accelerator, unet)
+                if sampler_obj is not None:
+                    sampler_obj.snapshot(global_step, calibration)
             if global_step >= args.max_train_steps:
                 break
     except TrainingError as err:
@@ -697,12 +800,13 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
-        if global_step % args.sample_steps != 0:
+        if sampler_obj.last_step != global_step:
             sampler_obj.snapshot(global_step, calibration)
         save_training_state(model, args.output_dir, extra=run_info)
         model.eval()
-        report = export_run(model, args.output_dir, args.merge, calibration,
+        report = export_run(model, args.output_dir, args.merge, calibration, export_format=args.export_format,
                             extra={"steps": global_step, "train_seconds": round(elapsed, 1), "skipped_images": len(bad_images)})
+        sample_from_export(args, sampler_obj, model_path, args.output_dir, weight_dtype, global_step)
         write_model_card(args.output_dir, {
             "base_model": model_path, "dataset": run_info["dataset"],
             "structure": args.reslora_structure, "pre_num": args.pre_num, "rank": args.rank,
@@ -712,6 +816,11 @@ def main(args):
             "example_prompt": sampler_obj.prompts[0],
         })
         accelerator.print(f"Done: {global_step} steps in {elapsed:.0f}s. Merged LoRA in {args.output_dir}.")
+        if hub_repo_id is not None:
+            from huggingface_hub import upload_folder
+
+            upload_folder(repo_id=hub_repo_id, folder_path=args.output_dir, token=args.hub_token,
+                          commit_message="ResLoRA export", ignore_patterns=["checkpoint-*", ".*", args.logging_dir + "/*"])
     accelerator.wait_for_everyone()  # the other ranks wait for the export, then all leave together
     release_ddp_reducer(unet)  # before end_training() destroys the process group: avoids a hang at exit
     accelerator.end_training()
@@ -733,6 +842,42 @@ def resolve_report_to(value):
         if name != "none" and importlib.util.find_spec(name) is None:
             raise TrainingError(f"--report_to {value}: {name} is not installed. pip install {name}, or pass --report_to none.")
     return value
+
+
+def check_optional_features(args):
+    """Flags that need a package, a GPU or the hub fail here, before any model or data is loaded."""
+    import importlib.util
+
+    needs = {"--enable_xformers_memory_efficient_attention": (args.enable_xformers_memory_efficient_attention, "xformers"),
+             "--use_8bit_adam": (args.use_8bit_adam, "bitsandbytes")}
+    for flag, (wanted, package) in needs.items():
+        if not wanted:
+            continue
+        if importlib.util.find_spec(package) is None:
+            raise TrainingError(f"{flag} needs {package}, which is not installed: pip install {package}, or drop {flag}.")
+        if not torch.cuda.is_available():
+            raise TrainingError(f"{flag} needs a CUDA GPU ({package}); none is available. Drop {flag} on this machine.")
+    if args.push_to_hub:
+        if args.report_to == "wandb" and args.hub_token is not None:
+            raise TrainingError("--hub_token with --report_to wandb would expose the token in the run config; "
+                                "log in with `hf auth login` instead of passing --hub_token.")
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise TrainingError("--push_to_hub needs the Hugging Face hub, but HF_HUB_OFFLINE is set. Unset it, or "
+                                "drop --push_to_hub and upload the output_dir later (`hf upload`).")
+
+
+def create_hub_repo(args):
+    """Create (or reuse) the hub repository at start-up, so a missing network or login fails before training."""
+    from huggingface_hub import create_repo
+
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    try:
+        return create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+    except Exception as err:  # no network, no login, no permission
+        raise TrainingError(
+            f"--push_to_hub: could not create the hub repository {repo_id!r} ({type(err).__name__}: {str(err)[:200]}). "
+            "Check the network and `hf auth login` (or --hub_token), or drop --push_to_hub."
+        ) from err
 
 
 def resolve_checkpoint(args):

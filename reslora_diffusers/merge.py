@@ -3,7 +3,8 @@
     python -m reslora_diffusers.merge OUTPUT_DIR --merge ls
 
 Reads the unmerged training state and the calibration set the run saved, loads the base UNet it was
-trained on, and rewrites ``pytorch_lora_weights.safetensors`` and ``merge_report.json``.
+trained on, and rewrites ``pytorch_lora_weights.safetensors`` (and/or ``pytorch_lora_weights_kohya.safetensors``,
+``--export_format``) and ``merge_report.json``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 
 from .config import MERGE_METHODS
-from .export import load_training_state, read_training_state_config
+from .export import EXPORT_FORMATS, load_training_state, read_training_state_config
 from .sd_run import export_run, load_calibration
 
 
@@ -24,6 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", default=None, help="Where to write the export (default: run_dir).")
     parser.add_argument("--pretrained_model_name_or_path", default=None, help="Base model (default: the run's).")
     parser.add_argument("--svd_rank", type=int, default=None, help="Compress bs factors to this rank.")
+    parser.add_argument("--export_format", choices=EXPORT_FORMATS, default="both",
+                        help="diffusers (load_lora_weights), kohya (ComfyUI, A1111) or both.")
     args = parser.parse_args(argv)
 
     meta = read_training_state_config(args.run_dir)
@@ -42,7 +45,8 @@ def main(argv=None) -> int:
         calib_dir = os.path.dirname(os.path.abspath(args.run_dir))  # a checkpoint folder: the run's
     calibration = load_calibration(calib_dir)
     out = args.output_dir or args.run_dir
-    report = export_run(unet, out, args.merge, calibration, svd_rank=args.svd_rank, extra={"re_merged_from": args.run_dir})
+    report = export_run(unet, out, args.merge, calibration, svd_rank=args.svd_rank, extra={"re_merged_from": args.run_dir},
+                        export_format=args.export_format)
     held = report.get("held_out", {})
     print(
         f"Merged '{report['structure']}' with '{args.merge}' into {out}: held-out relative UNet output error "

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from .export import DIFFUSERS_WEIGHT_NAME, atomic_save_file, atomic_write_text, save_merged_lora
+from .export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, atomic_save_file, atomic_write_text, save_pipeline_lora
 from .merging import merge_error, merge_reslora
 from .model import get_controller
 
@@ -79,10 +79,11 @@ def merge_unet(unet, method: str, calibration_batches: Optional[list] = None, sv
     return result
 
 
-def export_run(unet, output_dir: str, method: str, calibration_batches: Optional[list], svd_rank=None, extra=None):
-    """Merge, write ``pytorch_lora_weights.safetensors`` and ``merge_report.json``; returns the report."""
+def export_run(unet, output_dir: str, method: str, calibration_batches: Optional[list], svd_rank=None, extra=None,
+               export_format: str = "both"):
+    """Merge, write the LoRA file(s) of ``export_format`` and ``merge_report.json``; returns the report."""
     result = merge_unet(unet, method, calibration_batches, svd_rank)
-    save_merged_lora(result, output_dir, format="diffusers", prefix="unet")
+    save_pipeline_lora({"unet": result}, output_dir, export_format)
     report = dict(result.report)
     if extra:
         report.update(extra)
@@ -127,12 +128,17 @@ def write_model_card(output_dir: str, info: dict):
     lines += [
         "## How to use",
         "",
+    ]
+    if os.path.exists(os.path.join(output_dir, KOHYA_WEIGHT_NAME)):
+        lines += [f"ComfyUI / AUTOMATIC1111: put `{KOHYA_WEIGHT_NAME}` in the LoRA folder. diffusers:", ""]
+    weight_name = DIFFUSERS_WEIGHT_NAME if os.path.exists(os.path.join(output_dir, DIFFUSERS_WEIGHT_NAME)) else KOHYA_WEIGHT_NAME
+    lines += [
         "```python",
         "import torch",
         "from diffusers import StableDiffusionPipeline",
         "",
         f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
-        f'pipe.load_lora_weights("{info.get("repo_or_path", output_dir)}", weight_name="{DIFFUSERS_WEIGHT_NAME}")',
+        f'pipe.load_lora_weights("{info.get("repo_or_path", output_dir)}", weight_name="{weight_name}")',
         "pipe.fuse_lora()  # optional: fold the LoRA into the weights, zero inference overhead",
         f'image = pipe("{info.get("example_prompt", "a cartoon creature")}").images[0]',
         "```",

@@ -1,0 +1,242 @@
+"""Where SD users are: the kohya-format export, samples in tensorboard and from the exported file, the
+upstream example's flags, SD 1.5 / SDXL UNet layouts and text-encoder ResLoRA.
+
+Two short runs of the training script (``bs`` and ``is``, tensorboard on) serve most tests. Stock-load
+checks run in a fresh interpreter in which ``reslora_diffusers`` cannot be imported.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from itertools import groupby
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from test_train_script import QUICK, ROOT, cli_error, run_script, train
+
+RANK = 4  # the script's default --rank, used by the runs below
+# SD2's transformer blocks in execution order (down, mid, up) and their runs of equal weight shape
+SD2_RUNS = (2, 2, 6, 3, 3)
+
+
+def runs(seq):
+    """Lengths of the runs of consecutive equal items."""
+    return tuple(len(list(g)) for _, g in groupby(seq))
+
+
+def run_stock(code, timeout=300):
+    """Run ``code`` in a fresh interpreter where importing reslora_diffusers fails; returns its last stdout line
+    parsed as JSON. The snippet must print one JSON line."""
+    prelude = textwrap.dedent("""
+        import importlib.abc, json, sys
+        class _Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "reslora_diffusers" or name.startswith("reslora_diffusers."):
+                    raise ImportError("reslora_diffusers is blocked: this check uses stock diffusers only")
+        sys.meta_path.insert(0, _Block())
+    """)
+    epilogue = "\nassert not any(m.startswith('reslora_diffusers') for m in sys.modules), 'reslora_diffusers was imported'\n"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH="")
+    proc = subprocess.run([sys.executable, "-c", prelude + code + epilogue], cwd="/", env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+TINY_BASE = str(ROOT / "reslora_diffusers" / "assets" / "tiny-sd2-base")
+
+STOCK_UNET_OUTPUTS = textwrap.dedent("""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+    calib = load_file(RUN + "/reslora_calibration.safetensors")
+    batch = [calib[f"1.{k}"] for k in ("noisy_latents", "timesteps", "encoder_hidden_states")]
+    out = {}
+    for name in [None, *FILES]:
+        pipe = StableDiffusionPipeline.from_pretrained(BASE, safety_checker=None)
+        if name:
+            pipe.load_lora_weights(RUN, weight_name=name)
+        with torch.no_grad():
+            out[name] = pipe.unet(batch[0], batch[1], encoder_hidden_states=batch[2]).sample
+    ref = out[FILES[0]]
+    print(json.dumps({
+        "lora_effect": ((ref - out[None]).norm() / out[None].norm()).item(),
+        "relative_differences": [((out[n] - ref).norm() / ref.norm()).item() for n in FILES[1:]],
+    }))
+""")
+
+
+@pytest.fixture(scope="module")
+def runs_tb(tmp_path_factory):
+    """One bs (pre_num 2) and one is run, both formats, tensorboard on."""
+    out = {}
+    for structure in ("bs", "is"):
+        run_dir = tmp_path_factory.mktemp(f"eco-{structure}")
+        extra = ["--pre_num", "2"] if structure == "bs" else []
+        run_script(["--output_dir", str(run_dir), "--reslora_structure", structure, *extra, *QUICK,
+                    "--report_to", "tensorboard"])
+        out[structure] = run_dir
+    return out
+
+
+# ------------------------------------------------------------------------------------- kohya export
+@pytest.mark.parametrize("structure", ["bs", "is"])
+def test_kohya_file_loads_in_stock_diffusers_like_the_diffusers_file(runs_tb, structure):
+    run_dir = runs_tb[structure]
+    files = ["pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"]
+    result = run_stock(f"RUN, BASE, FILES = {str(run_dir)!r}, {TINY_BASE!r}, {files!r}\n" + STOCK_UNET_OUTPUTS)
+    assert result["lora_effect"] > 1e-3  # the LoRA changes the output
+    assert result["relative_differences"][0] < 1e-5
+
+
+@pytest.mark.parametrize("structure", ["bs", "is"])
+def test_kohya_keys_ranks_and_alpha(runs_tb, structure):
+    diffusers_file = load_file(str(runs_tb[structure] / "pytorch_lora_weights.safetensors"))
+    kohya = load_file(str(runs_tb[structure] / "pytorch_lora_weights_kohya.safetensors"))
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    assert {k.split(".", 1)[1] for k in kohya} == {"lora_down.weight", "lora_up.weight", "alpha"}
+    modules = {k[len("unet."):].rsplit(".lora_", 1)[0] for k in diffusers_file}
+    assert {k.split(".")[0] for k in kohya} == {"lora_unet_" + m.replace(".", "_") for m in modules}
+    ranks = {}
+    for m in modules:
+        k = "lora_unet_" + m.replace(".", "_")
+        a, b = diffusers_file[f"unet.{m}.lora_A.weight"], diffusers_file[f"unet.{m}.lora_B.weight"]
+        down, up, alpha = kohya[f"{k}.lora_down.weight"], kohya[f"{k}.lora_up.weight"], kohya[f"{k}.alpha"].item()
+        ranks[m] = down.shape[0]
+        assert down.shape == a.shape and up.shape == b.shape
+        # what ComfyUI/A1111/diffusers apply (scale alpha / rank) is the diffusers file's B A
+        torch.testing.assert_close(alpha / down.shape[0] * up @ down, b @ a, rtol=1e-5, atol=1e-7)
+    # every projection kind follows SD2's runs of equal weight shape; bs with pre_num 2 concatenates up to 3 blocks
+    expected = sorted(RANK * min(i + 1, 3) for n in SD2_RUNS for i in range(n)) * 8 if structure == "bs" else [RANK] * 128
+    assert sorted(ranks.values()) == sorted(expected)
+    alphas = {kohya[k].item() for k in kohya if k.endswith(".alpha")}
+    assert len(alphas) == 1  # one alpha: diffusers 0.42 keeps only the most common per-module alpha
+
+
+def test_merge_cli_export_format(runs_tb, tmp_path):
+    out = tmp_path / "kohya-only"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "reslora_diffusers.merge", str(runs_tb["bs"]), "--merge", "ls", "--export_format",
+         "kohya", "--output_dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "pytorch_lora_weights_kohya.safetensors").exists()
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    a = load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))
+    b = load_file(str(runs_tb["bs"] / "pytorch_lora_weights_kohya.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float()) for k in a)  # bs merges exactly
+
+
+# ----------------------------------------------------------------------- samples from the export
+def pngs(folder):
+    return [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p in sorted(folder.glob("prompt-*.png"))]
+
+
+@pytest.mark.parametrize("structure", ["bs", "is"])
+def test_export_column_equals_the_last_merged_snapshot(runs_tb, structure):
+    samples = runs_tb[structure] / "samples"
+    export, last = pngs(samples / "export"), pngs(samples / "step-000004")
+    first = pngs(samples / "step-000000")
+    assert len(export) == len(last) == 3
+    for e, m, f in zip(export, last, first):
+        assert np.abs(e - m).mean() <= 1.0  # within sampling tolerance (8-bit images, float order)
+        assert np.abs(e - f).mean() > 4 * max(np.abs(e - m).mean(), 0.05)  # and the training changed them
+    grid = Image.open(runs_tb[structure] / "progress_grid.png")
+    assert grid.width > 4 * 64  # steps 0, 2, 4 and export
+
+
+# ----------------------------------------------------------------------------------- tensorboard
+def test_tensorboard_event_file_has_the_snapshots_grid_and_export(runs_tb):
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    run_dir = runs_tb["is"]
+    logs = [d for d, _, files in os.walk(run_dir / "logs") if any(f.startswith("events.out.tfevents") for f in files)]
+    assert logs
+    images = {}
+    for log in logs:
+        acc = EventAccumulator(log, size_guidance={IMAGES: 0})
+        acc.Reload()
+        for tag in acc.Tags()[IMAGES]:
+            images.setdefault(tag, []).extend(acc.Images(tag))
+    assert sorted(e.step for e in images["samples"]) == [0, 2, 4]
+    assert [e.step for e in images["export"]] == [4]
+    assert sorted(e.step for e in images["progress_grid"]) == [0, 2, 4, 4]
+    # the logged snapshot is the three saved images side by side
+    step2 = next(e for e in images["samples"] if e.step == 2)
+    logged = np.asarray(Image.open(io.BytesIO(step2.encoded_image_string)).convert("RGB"), dtype=np.float32)
+    saved = np.concatenate(pngs(run_dir / "samples" / "step-000002"), axis=1)
+    assert logged.shape == saved.shape and np.abs(logged - saved).max() == 0
+
+
+# ------------------------------------------------------------------------------------ upstream flags
+def test_flags_needing_absent_features_fail_before_the_model_loads(monkeypatch, capsys):
+    import importlib.util
+
+    def no_model(args):
+        raise AssertionError("the model was loaded before the flag check")
+
+    monkeypatch.setattr(train, "load_components", no_model)
+    monkeypatch.setattr(train, "load_raw_dataset", no_model)
+    for flag, package in (("--use_8bit_adam", "bitsandbytes"), ("--enable_xformers_memory_efficient_attention", "xformers")):
+        err = cli_error([flag, "--report_to", "none"], capsys)
+        if importlib.util.find_spec(package) is None:
+            assert f"{flag} needs {package}, which is not installed" in err
+        else:
+            assert f"{flag} needs a CUDA GPU" in err or torch.cuda.is_available()
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    err = cli_error(["--push_to_hub", "--report_to", "none"], capsys)
+    assert "--push_to_hub needs the Hugging Face hub, but HF_HUB_OFFLINE is set" in err
+
+
+def test_push_to_hub_without_network_fails_clearly(monkeypatch, capsys):
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no route to huggingface.co")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "create_repo", unreachable)
+    monkeypatch.setattr(train, "load_components", lambda args: pytest.fail("model loaded before the hub check"))
+    err = cli_error(["--push_to_hub", "--hub_model_id", "me/reslora-test", "--report_to", "none"], capsys)
+    assert "could not create the hub repository 'me/reslora-test'" in err and "ConnectionError" in err
+
+
+def test_image_interpolation_mode_is_the_pil_filter():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    for mode, pil in (("lanczos", Image.Resampling.LANCZOS), ("nearest", Image.Resampling.NEAREST),
+                      ("bicubic", Image.Resampling.BICUBIC)):
+        args = train.parse_args(["--image_interpolation_mode", mode, "--resolution", "16", "--center_crop"])
+        got = train.transform_image(image, 16, True, False, rng, args.image_interpolation_mode)
+        expected = np.asarray(image.resize((16, 16), pil), dtype=np.float32) / 127.5 - 1.0
+        np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), expected, atol=1e-6)
+    assert train.parse_args([]).image_interpolation_mode == "bilinear"  # this script's default (upstream: lanczos)
+
+
+def test_validation_epochs_samples_at_epoch_ends(tmp_path):
+    # 16 images, batch 4: 4 steps per epoch; 8 steps; sample_steps 100 -> snapshots at 0, the end of epoch 1 and 2
+    run_script(["--output_dir", str(tmp_path), "--max_train_steps", "8", "--sample_steps", "100", "--validation_epochs",
+                "1", "--train_batch_size", "4", "--pokemon_style_size", "16", "--sample_num_inference_steps", "1",
+                "--calibration_batches", "1", "--report_to", "none", "--checkpointing_steps", "100",
+                "--export_format", "diffusers"])
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["export", "step-000000", "step-000004", "step-000008"]
+    assert not (tmp_path / "pytorch_lora_weights_kohya.safetensors").exists()
+
+
+def test_script_refuses_an_sdxl_pipeline(tmp_path, capsys):
+    (tmp_path / "sdxl").mkdir()
+    (tmp_path / "sdxl" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
+         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    err = cli_error(["--pretrained_model_name_or_path", str(tmp_path / "sdxl"), "--report_to", "none",
+                     "--output_dir", str(tmp_path / "o")], capsys)
+    assert "SDXL (two text encoders, time ids) is not supported by this script yet" in err
