@@ -43,7 +43,7 @@ def run_stock(code, timeout=300):
     """)
     epilogue = "\nassert not any(m.startswith('reslora_diffusers') for m in sys.modules), 'reslora_diffusers was imported'\n"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH="")
-    proc = subprocess.run([sys.executable, "-c", prelude + code + epilogue], cwd="/", env=env,
+    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code) + epilogue], cwd="/", env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -240,3 +240,110 @@ def test_script_refuses_an_sdxl_pipeline(tmp_path, capsys):
     err = cli_error(["--pretrained_model_name_or_path", str(tmp_path / "sdxl"), "--report_to", "none",
                      "--output_dir", str(tmp_path / "o")], capsys)
     assert "SDXL (two text encoders, time ids) is not supported by this script yet" in err
+
+
+# ---------------------------------------------------------------------------------- SD 1.5 and SDXL
+# The real unet/config.json of SD 1.5 and SDXL base, with widths divided by 10 (and SDXL's head counts by 5, so
+# that heads divide the widths) and 16x16 latents, to fit a shared 2-core machine. Block types, layers per
+# block, transformer layers per block, cross-attention width, linear projections and SDXL's text-time
+# embedding are the real ones, so the chain structure is the real one.
+SD15_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SDXL_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, attention_head_dim=(1, 2, 4),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+LAYOUTS = {  # config, expected runs of equal weight shape (bs), of equal input shape (is)
+    "sd15": (SD15_UNET, [2, 2, 6, 3, 3], [2, 2, 2, 1, 3, 3, 3]),
+    "sdxl": (SDXL_UNET, [4, 60, 6], [4, 60, 6]),  # SDXL's mid block runs at its last down block's size
+}
+READS_TEXT = ("attn2.to_k", "attn2.to_v")  # their input is the text, of one shape in every block
+
+
+def transformer_blocks(config):
+    """(channels, tokens) of every transformer block in execution order (down, mid, up), from the config alone."""
+    channels, n = list(config["block_out_channels"]), len(config["block_out_channels"])
+    depth = config.get("transformer_layers_per_block", 1)
+    depth = list(depth) if isinstance(depth, (list, tuple)) else [depth] * n
+    side, blocks = config["sample_size"], []
+    for i, kind in enumerate(config["down_block_types"]):
+        if kind.startswith("CrossAttn"):
+            blocks += [(channels[i], side * side)] * (config["layers_per_block"] * depth[i])
+        if i < n - 1:
+            side //= 2
+    blocks += [(channels[-1], side * side)] * depth[-1]
+    for j, kind in enumerate(config["up_block_types"]):
+        if kind.startswith("CrossAttn"):
+            blocks += [(channels[::-1][j], side * side)] * ((config["layers_per_block"] + 1) * depth[::-1][j])
+        if j < n - 1:
+            side *= 2
+    return blocks
+
+
+def layout_inputs(config, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = config["sample_size"]
+    args = (torch.randn(1, 4, size, size, generator=g), torch.tensor([500]),
+            torch.randn(1, 77, config["cross_attention_dim"], generator=g))
+    extra = {}
+    if config.get("addition_embed_type") == "text_time":
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280, generator=g), "time_ids": torch.randn(1, 6, generator=g)}
+    return args, extra
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_chains_trace_on_sd15_and_sdxl_unets_and_exports_load_back(layout, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from tiny_models import UNET_TARGETS, randomize_lora
+
+    from reslora_diffusers import ResLoRAConfig, get_controller, inject_reslora, merge_reslora
+    from reslora_diffusers.export import save_pipeline_lora
+
+    config, weight_runs, input_runs = LAYOUTS[layout]
+    blocks = transformer_blocks(config)
+    assert list(runs([c for c, _ in blocks])) == weight_runs and list(runs(blocks)) == input_runs
+    (args, extra) = layout_inputs(config)
+    torch.manual_seed(0)
+    UNet2DConditionModel(**config).save_pretrained(tmp_path / "base")
+    for structure in ("is", "bs"):
+        unet = UNet2DConditionModel.from_pretrained(tmp_path / "base").eval()
+        inject_reslora(unet, ResLoRAConfig(structure=structure, pre_num=1, r=2, lora_alpha=4, target_modules=UNET_TARGETS))
+        randomize_lora(unet, scale=0.05)
+        with torch.no_grad():
+            unmerged = unet(*args, **extra).sample
+        chains = get_controller(unet).chain_summary()
+        assert len(chains) == 8 and all(len(c["order"]) == len(blocks) for c in chains.values())
+        for kind, chain in chains.items():
+            if structure == "bs":  # links equal weight shapes
+                expected = weight_runs
+            else:  # links equal input shapes: the text is one shape for every block
+                expected = [len(blocks)] if kind.endswith(READS_TEXT) else input_runs
+            assert chain["segments"] == expected, (layout, structure, kind)
+    result = merge_reslora(unet)  # bs: exact
+    assert sorted(set(result.ranks().values())) == [2, 4]
+    save_pipeline_lora({"unet": result}, str(tmp_path), "both")
+    torch.save({"args": args, "extra": extra, "unmerged": unmerged}, tmp_path / "io.pt")
+    pipeline = "StableDiffusionXLPipeline" if layout == "sdxl" else "StableDiffusionPipeline"
+    result = run_stock(f"""
+        import torch
+        from diffusers import UNet2DConditionModel, {pipeline} as Pipeline
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        errors = {{}}
+        for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+            unet = UNet2DConditionModel.from_pretrained({str(tmp_path / "base")!r}).eval()
+            state, alphas = Pipeline.lora_state_dict({str(tmp_path)!r}, weight_name=name)
+            Pipeline.load_lora_into_unet(state, alphas, unet)
+            with torch.no_grad():
+                out = unet(*io["args"], **io["extra"]).sample
+            errors[name] = ((out - io["unmerged"]).norm() / io["unmerged"].norm()).item()
+        print(json.dumps(errors))
+    """)
+    assert max(result.values()) < 1e-5, result
