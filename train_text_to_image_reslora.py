@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -48,8 +49,10 @@ from reslora_diffusers.export import (
 )
 from reslora_diffusers.sd_run import (
     TARGET_MODULES,
+    TEXT_ENCODER_STATE_DIR,
+    TEXT_ENCODER_TARGET_MODULES,
     export_run,
-    merge_unet,
+    merge_pipeline,
     save_calibration,
     step_dir_name,
     write_model_card,
@@ -112,6 +115,9 @@ def parse_args(input_args=None):
                    help=f"Merge for is/ms: {', '.join(MERGE_METHODS)} (bs is exact). ls fits on calibration inputs; "
                    "bi/bw are the paper's.")
     g.add_argument("--merge_window", type=int, default=50, help="Window of activation norms for the bi merge.")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="Also put ResLoRA on the CLIP text encoder's attention (q/k/v/out_proj), with its own chains; "
+                   "exported under text_encoder.")
     g.add_argument("--calibration_batches", type=int, default=4,
                    help="Fixed batches kept to fit the ls merge (half) and measure merge error (half).")
 
@@ -427,17 +433,19 @@ def refuse_sdxl(path, revision):
 class Sampler:
     """Generates the fixed prompts x seeds with the training UNet (no pipeline copy, no CPU autocast)."""
 
-    def __init__(self, args, accelerator, tokenizer, text_encoder, vae, unet, scheduler):
+    def __init__(self, args, accelerator, tokenizer, text_encoder, vae, unet, scheduler, calibration, text_calibration):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         self.args, self.accelerator = args, accelerator
+        self.calibration, self.text_calibration = calibration, text_calibration
         self.prompts = list(args.sample_prompts or DEFAULT_SAMPLE_PROMPTS)
         if args.validation_prompt:
             self.prompts.insert(0, args.validation_prompt)
         self.seeds = list(range(args.num_validation_images))
         self.unet = unet
+        self.text_encoder = accelerator.unwrap_model(text_encoder)
         self.pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
+            vae=vae, text_encoder=self.text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
             scheduler=DDIMScheduler.from_config(scheduler.config), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
@@ -469,20 +477,26 @@ class Sampler:
         return rows
 
     @torch.no_grad()
-    def snapshot(self, step, calibration):
+    def snapshot(self, step):
         """Save merged-view samples (and unmerged on request) for ``step``, then redraw the progress grid."""
         model = self.accelerator.unwrap_model(self.unet)
+        text_encoder = self.text_encoder if self.args.train_text_encoder else None
         was_training = model.training
         model.eval()
+        self.text_encoder.eval()
         try:
-            result = merge_unet(model, self.args.merge, calibration)
-            with merged_view(model, result):
+            results = merge_pipeline(model, self.args.merge, self.calibration, text_encoder, self.text_calibration)
+            with contextlib.ExitStack() as views_on:
+                views_on.enter_context(merged_view(model, results["unet"]))
+                if text_encoder is not None:
+                    views_on.enter_context(merged_view(text_encoder, results["text_encoder"]))
                 merged = self.generate()
             views = {"": merged}
             if self.args.sample_unmerged and self.args.reslora_structure in ("is", "ms"):
                 views["unmerged"] = self.generate()
         finally:
             model.train(was_training)
+            self.text_encoder.train(was_training and text_encoder is not None)
         self.last_step = step
         self.save(self.samples_dir / step_dir_name(step), views, step, "samples")
         return merged
@@ -589,6 +603,7 @@ def main(args):
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
+    from transformers import PreTrainedModel
     from tqdm.auto import tqdm
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -631,8 +646,12 @@ def main(args):
     vae.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     inject_reslora(unet, args.reslora_config)
+    trained = [unet]
+    if args.train_text_encoder:
+        inject_reslora(text_encoder, dataclasses.replace(args.reslora_config, target_modules=TEXT_ENCODER_TARGET_MODULES))
+        trained.append(text_encoder)
     if accelerator.mixed_precision in ("fp16", "bf16"):
-        cast_training_params(unet, dtype=torch.float32)  # LoRA weights (and merge statistics) stay fp32
+        cast_training_params(trained, dtype=torch.float32)  # LoRA weights (and merge statistics) stay fp32
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # diffusers' default is non-reentrant: exact for is/ms
     if args.enable_xformers_memory_efficient_attention:
@@ -643,16 +662,21 @@ def main(args):
     run_info = {"pretrained_model_name_or_path": model_path,
                 "revision": args.revision, "dataset": args.dataset_name or args.train_data_dir or args.dataset}
 
+    def state_dir(model, output_dir):  # the text encoder's state (a transformers model) goes to a subfolder
+        return os.path.join(output_dir, TEXT_ENCODER_STATE_DIR) if isinstance(model, PreTrainedModel) else output_dir
+
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                save_training_state(accelerator.unwrap_model(model), output_dir, extra=run_info)
+                model = accelerator.unwrap_model(model)
+                save_training_state(model, state_dir(model, output_dir), extra=run_info)
         while weights:
             weights.pop()  # only the ResLoRA state, not the frozen base
 
     def load_model_hook(models, input_dir):
         while models:
-            load_training_state(accelerator.unwrap_model(models.pop()), input_dir)
+            model = accelerator.unwrap_model(models.pop())
+            load_training_state(model, state_dir(model, input_dir))
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -666,7 +690,7 @@ def main(args):
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for model in trained for p in model.parameters() if p.requires_grad]
     if args.use_8bit_adam:
         import bitsandbytes
 
@@ -682,16 +706,22 @@ def main(args):
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, dataloader, lr_scheduler)
+    else:
+        unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    trained = [unet, text_encoder] if args.train_text_encoder else [unet]  # as prepared
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     if accelerator.is_main_process and report_to != "none":
         accelerator.init_trackers("reslora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     # --- fixed calibration set (ls merge and merge error), from the first examples and fixed noise
-    calibration = build_calibration(args, train_dataset, vae, text_encoder, noise_scheduler, accelerator, weight_dtype)
+    calibration, text_calibration = build_calibration(args, train_dataset, vae, text_encoder, noise_scheduler, accelerator,
+                                                      weight_dtype)
     if accelerator.is_main_process:
-        save_calibration(calibration, args.output_dir)
+        save_calibration(calibration, args.output_dir, text_calibration)
 
     global_step, first_epoch, resume_skip = 0, 0, 0
     if args.resume_from_checkpoint:
@@ -705,9 +735,10 @@ def main(args):
             first_epoch = global_step // updates_per_epoch
             resume_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
-    sampler_obj = Sampler(args, accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler) if accelerator.is_main_process else None
+    sampler_obj = Sampler(args, accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler, calibration,
+                          text_calibration) if accelerator.is_main_process else None
     if sampler_obj is not None and global_step == 0:
-        sampler_obj.snapshot(0, calibration)
+        sampler_obj.snapshot(0)
 
     stop = {"signal": None}
 
@@ -723,6 +754,7 @@ def main(args):
     last_checkpoint = None
     exit_code = 0
     unet.train()
+    text_encoder.train(args.train_text_encoder)
     start = time.time()
     try:
         for epoch in range(first_epoch, num_epochs):
@@ -737,7 +769,7 @@ def main(args):
                 bad_images.update(batch["bad_indices"].tolist())
                 if "pixel_values" not in batch:
                     continue
-                with accelerator.accumulate(unet):
+                with accelerator.accumulate(*trained):
                     gen = step_generator(args.seed, global_step, micro, accelerator)
                     loss = diffusion_loss(args, batch, vae, text_encoder, unet, noise_scheduler, weight_dtype, gen, compute_snr)
                     accumulated += loss.detach() / args.gradient_accumulation_steps
@@ -767,9 +799,9 @@ def main(args):
                 if global_step % args.checkpointing_steps == 0:
                     last_checkpoint = save_checkpoint(accelerator, args, global_step)
                 if global_step % args.sample_steps == 0:
-                    sync_merge_statistics(accelerator, unet)  # on every rank, before the main process merges
+                    sync_merge_statistics(accelerator, trained)  # on every rank, before the main process merges
                     if sampler_obj is not None:
-                        sampler_obj.snapshot(global_step, calibration)
+                        sampler_obj.snapshot(global_step)
                 if args.simulate_interrupt_at_step == global_step:
                     stop["signal"] = signal.SIGTERM
                 if stop_requested(stop, accelerator):
@@ -780,9 +812,9 @@ def main(args):
                 if global_step >= args.max_train_steps:
                     break
             if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and global_step % args.sample_steps:
-                sync_merge_statistics(accelerator, unet)
+                sync_merge_statistics(accelerator, trained)
                 if sampler_obj is not None:
-                    sampler_obj.snapshot(global_step, calibration)
+                    sampler_obj.snapshot(global_step)
             if global_step >= args.max_train_steps:
                 break
     except TrainingError as err:
@@ -796,15 +828,20 @@ def main(args):
             accelerator.print(f"Skipped {len(bad_images)} unreadable image(s) (--on_bad_image skip): {sorted(bad_images)[:20]}")
 
     elapsed = time.time() - start
-    sync_merge_statistics(accelerator, unet)
+    sync_merge_statistics(accelerator, trained)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         if sampler_obj.last_step != global_step:
-            sampler_obj.snapshot(global_step, calibration)
+            sampler_obj.snapshot(global_step)
         save_training_state(model, args.output_dir, extra=run_info)
         model.eval()
+        trained_text_encoder = None
+        if args.train_text_encoder:
+            trained_text_encoder = accelerator.unwrap_model(text_encoder).eval()
+            save_training_state(trained_text_encoder, os.path.join(args.output_dir, TEXT_ENCODER_STATE_DIR), extra=run_info)
         report = export_run(model, args.output_dir, args.merge, calibration, export_format=args.export_format,
+                            text_encoder=trained_text_encoder, text_batches=text_calibration,
                             extra={"steps": global_step, "train_seconds": round(elapsed, 1), "skipped_images": len(bad_images)})
         sample_from_export(args, sampler_obj, model_path, args.output_dir, weight_dtype, global_step)
         write_model_card(args.output_dir, {
@@ -822,15 +859,17 @@ def main(args):
             upload_folder(repo_id=hub_repo_id, folder_path=args.output_dir, token=args.hub_token,
                           commit_message="ResLoRA export", ignore_patterns=["checkpoint-*", ".*", args.logging_dir + "/*"])
     accelerator.wait_for_everyone()  # the other ranks wait for the export, then all leave together
-    release_ddp_reducer(unet)  # before end_training() destroys the process group: avoids a hang at exit
+    for model in trained:
+        release_ddp_reducer(model)  # before end_training() destroys the process group: avoids a hang at exit
     accelerator.end_training()
     return exit_code
 
 
-def sync_merge_statistics(accelerator, unet):
+def sync_merge_statistics(accelerator, models):
     """Average the 'bi' windows over processes (a collective: every rank calls it)."""
     if accelerator.num_processes > 1:
-        get_controller(unet).sync_statistics()
+        for model in models:
+            get_controller(model).sync_statistics()
 
 
 def resolve_report_to(value):
@@ -914,6 +953,7 @@ def diffusion_loss(args, batch, vae, text_encoder, unet, noise_scheduler, weight
     with torch.no_grad():
         latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator=gen)
         latents = latents * vae.config.scaling_factor
+    with torch.set_grad_enabled(args.train_text_encoder):
         hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
     noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
     if args.noise_offset:
@@ -938,8 +978,8 @@ def diffusion_loss(args, batch, vae, text_encoder, unet, noise_scheduler, weight
 
 @torch.no_grad()
 def build_calibration(args, dataset, vae, text_encoder, noise_scheduler, accelerator, weight_dtype):
-    """Fixed UNet inputs from the first examples with fixed noise and spread timesteps."""
-    batches, index = [], 0
+    """Fixed UNet inputs from the first examples with fixed noise and spread timesteps, and their token ids."""
+    batches, text_batches, index = [], [], 0
     g = torch.Generator(device=accelerator.device).manual_seed(args.seed + 12345)
     size = max(1, min(args.train_batch_size, 4))
     for b in range(args.calibration_batches):
@@ -961,7 +1001,8 @@ def build_calibration(args, dataset, vae, text_encoder, noise_scheduler, acceler
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
         batches.append((noisy.float().cpu(), timesteps.cpu(), hidden.float().cpu()))
-    return batches
+        text_batches.append((batch["input_ids"],))
+    return batches, text_batches
 
 
 def cli(argv=None):

@@ -100,7 +100,8 @@ def kohya_lora_state_dict(diffusers_state: dict[str, torch.Tensor]) -> dict[str,
 def save_pipeline_lora(
     results: dict[str, MergeResult], save_directory: str, export_format: str = "both", dtype=None
 ) -> list[str]:
-    """Write merged LoRAs of pipeline parts (``{"unet": ..., "text_encoder": ...}``) in one file per format.
+    """Write merged LoRAs of pipeline parts (``{"unet": ..., "text_encoder": ...}``, keys prefixed with the
+    part's name) in one file per format.
 
     ``diffusers``: ``pytorch_lora_weights.safetensors`` (``unet.*``/``text_encoder.*`` keys); ``kohya``:
     ``pytorch_lora_weights_kohya.safetensors``; ``both``: the two. Returns the paths written.

@@ -14,8 +14,8 @@ import os
 import sys
 
 from .config import MERGE_METHODS
-from .export import EXPORT_FORMATS, load_training_state, read_training_state_config
-from .sd_run import export_run, load_calibration
+from .export import EXPORT_FORMATS, STATE_CONFIG_NAME, load_training_state, read_training_state_config
+from .sd_run import TEXT_ENCODER_STATE_DIR, export_run, load_calibration, load_text_calibration
 
 
 def main(argv=None) -> int:
@@ -44,9 +44,18 @@ def main(argv=None) -> int:
     if not os.path.exists(os.path.join(calib_dir, "reslora_calibration.safetensors")):
         calib_dir = os.path.dirname(os.path.abspath(args.run_dir))  # a checkpoint folder: the run's
     calibration = load_calibration(calib_dir)
+    text_encoder, text_dir = None, os.path.join(args.run_dir, TEXT_ENCODER_STATE_DIR)
+    if os.path.exists(os.path.join(text_dir, STATE_CONFIG_NAME)):  # a --train_text_encoder run
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=run_info.get("revision"))
+        text_encoder.requires_grad_(False)
+        load_training_state(text_encoder, text_dir)
+        text_encoder.eval()
     out = args.output_dir or args.run_dir
     report = export_run(unet, out, args.merge, calibration, svd_rank=args.svd_rank, extra={"re_merged_from": args.run_dir},
-                        export_format=args.export_format)
+                        export_format=args.export_format, text_encoder=text_encoder,
+                        text_batches=load_text_calibration(calib_dir))
     held = report.get("held_out", {})
     print(
         f"Merged '{report['structure']}' with '{args.merge}' into {out}: held-out relative UNet output error "

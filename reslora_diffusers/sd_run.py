@@ -22,6 +22,8 @@ from .model import get_controller
 CALIBRATION_NAME = "reslora_calibration.safetensors"
 REPORT_NAME = "merge_report.json"
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention (--train_text_encoder)
+TEXT_ENCODER_STATE_DIR = "text_encoder"  # its training state, in a subfolder of the run or checkpoint
 
 
 def unet_forward(unet, batch):
@@ -32,12 +34,20 @@ def unet_forward(unet, batch):
     return unet(noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=hidden.to(device, dtype)).sample
 
 
-def save_calibration(batches: list[tuple], output_dir: str):
+def text_encoder_forward(text_encoder, batch):
+    """The text-encoder calibration forward: ``batch`` is (input_ids,)."""
+    return text_encoder(batch[0].to(next(text_encoder.parameters()).device), return_dict=False)[0]
+
+
+def save_calibration(batches: list[tuple], output_dir: str, text_batches: Optional[list[tuple]] = None):
+    """UNet inputs, and the token ids they came from (the text encoder's calibration inputs)."""
     tensors = {}
     for i, (noisy, timesteps, hidden) in enumerate(batches):
         tensors[f"{i}.noisy_latents"] = noisy
         tensors[f"{i}.timesteps"] = timesteps
         tensors[f"{i}.encoder_hidden_states"] = hidden
+    for i, (input_ids,) in enumerate(text_batches or []):
+        tensors[f"{i}.input_ids"] = input_ids
     atomic_save_file(tensors, os.path.join(output_dir, CALIBRATION_NAME))
 
 
@@ -53,6 +63,12 @@ def load_calibration(output_dir: str) -> list[tuple]:
     ]
 
 
+def load_text_calibration(output_dir: str) -> list[tuple]:
+    """The token-id batches saved beside the UNet calibration (empty for runs that predate them)."""
+    tensors = load_file(os.path.join(output_dir, CALIBRATION_NAME))
+    return [(tensors[k],) for k in sorted((k for k in tensors if k.endswith(".input_ids")), key=lambda k: int(k.split(".")[0]))]
+
+
 def split_calibration(batches: list) -> tuple[list, list]:
     """First half fits (ls), second half measures; one batch serves both."""
     if len(batches) < 2:
@@ -61,30 +77,52 @@ def split_calibration(batches: list) -> tuple[list, list]:
     return batches[:half], batches[half:]
 
 
-def merge_unet(unet, method: str, calibration_batches: Optional[list] = None, svd_rank: Optional[int] = None):
-    """Merge a ResLoRA UNet; the report's errors are measured on the held-out half of the calibration set."""
+def merge_unet(unet, method: str, calibration_batches: Optional[list] = None, svd_rank: Optional[int] = None,
+               forward_fn=unet_forward):
+    """Merge a ResLoRA UNet (or, with ``text_encoder_forward``, a text encoder); the report's errors are
+    measured on the held-out half of the calibration set."""
     fit, held_out = split_calibration(calibration_batches or [])
     controller = get_controller(unet)
     structure = controller.config.structure
     if not controller.traced and calibration_batches:  # chains are traced on the first forward
         with torch.no_grad():
-            unet_forward(unet, calibration_batches[0])
+            forward_fn(unet, calibration_batches[0])
     needs_fit = method == "ls" and structure in ("is", "ms")
     result = merge_reslora(
-        unet, method=method, calibration_batches=fit if needs_fit else None, forward_fn=unet_forward, svd_rank=svd_rank
+        unet, method=method, calibration_batches=fit if needs_fit else None, forward_fn=forward_fn, svd_rank=svd_rank
     )
     if held_out:
-        result.report["held_out"] = merge_error(unet, result.factors, held_out, unet_forward)
-        result.report["held_out"]["note"] = "relative error of the merged UNet output against the unmerged one"
+        result.report["held_out"] = merge_error(unet, result.factors, held_out, forward_fn)
+        result.report["held_out"]["note"] = "relative error of the merged model output against the unmerged one"
     return result
 
 
+def text_encoder_prefix(text_encoder) -> str:
+    """The export prefix of the text encoder's keys. SD LoRAs name CLIP's layers ``text_model.encoder.…``
+    (transformers 4's module names), and ComfyUI/A1111 look for those (``lora_te1_text_model_…``).
+    transformers 5 dropped ``text_model.`` from the module names; diffusers loads both forms."""
+    return "text_encoder" if hasattr(text_encoder, "text_model") else "text_encoder.text_model"
+
+
+def merge_pipeline(unet, method: str, calibration_batches, text_encoder=None, text_batches=None, svd_rank=None):
+    """``{"unet": MergeResult}``, plus ``"text_encoder"`` when it is given (trained with ResLoRA too)."""
+    results = {"unet": merge_unet(unet, method, calibration_batches, svd_rank)}
+    if text_encoder is not None:
+        results["text_encoder"] = merge_unet(text_encoder, method, text_batches, svd_rank, text_encoder_forward)
+    return results
+
+
 def export_run(unet, output_dir: str, method: str, calibration_batches: Optional[list], svd_rank=None, extra=None,
-               export_format: str = "both"):
+               export_format: str = "both", text_encoder=None, text_batches=None):
     """Merge, write the LoRA file(s) of ``export_format`` and ``merge_report.json``; returns the report."""
-    result = merge_unet(unet, method, calibration_batches, svd_rank)
-    save_pipeline_lora({"unet": result}, output_dir, export_format)
-    report = dict(result.report)
+    results = merge_pipeline(unet, method, calibration_batches, text_encoder, text_batches, svd_rank)
+    exported = {"unet": results["unet"]}
+    if text_encoder is not None:
+        exported[text_encoder_prefix(text_encoder)] = results["text_encoder"]
+    save_pipeline_lora(exported, output_dir, export_format)
+    report = dict(results["unet"].report)
+    if text_encoder is not None:
+        report["text_encoder"] = results["text_encoder"].report
     if extra:
         report.update(extra)
     atomic_write_text(json.dumps(report, indent=2, sort_keys=True), os.path.join(output_dir, REPORT_NAME))

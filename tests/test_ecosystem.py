@@ -1,7 +1,8 @@
 """Where SD users are: the kohya-format export, samples in tensorboard and from the exported file, the
 upstream example's flags, SD 1.5 / SDXL UNet layouts and text-encoder ResLoRA.
 
-Two short runs of the training script (``bs`` and ``is``, tensorboard on) serve most tests. Stock-load
+Two short runs of the training script (``bs``, and ``is`` with ``--train_text_encoder``, tensorboard on) serve
+most tests. Stock-load
 checks run in a fresh interpreter in which ``reslora_diffusers`` cannot be imported.
 """
 
@@ -59,7 +60,7 @@ STOCK_UNET_OUTPUTS = textwrap.dedent("""
     batch = [calib[f"1.{k}"] for k in ("noisy_latents", "timesteps", "encoder_hidden_states")]
     out = {}
     for name in [None, *FILES]:
-        pipe = StableDiffusionPipeline.from_pretrained(BASE, safety_checker=None)
+        pipe = StableDiffusionPipeline.from_pretrained(BASE, safety_checker=None, dtype=torch.float32)
         if name:
             pipe.load_lora_weights(RUN, weight_name=name)
         with torch.no_grad():
@@ -74,11 +75,11 @@ STOCK_UNET_OUTPUTS = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def runs_tb(tmp_path_factory):
-    """One bs (pre_num 2) and one is run, both formats, tensorboard on."""
+    """One bs (pre_num 2) and one is run with the text encoder, both formats, tensorboard on."""
     out = {}
     for structure in ("bs", "is"):
         run_dir = tmp_path_factory.mktemp(f"eco-{structure}")
-        extra = ["--pre_num", "2"] if structure == "bs" else []
+        extra = ["--pre_num", "2"] if structure == "bs" else ["--train_text_encoder"]
         run_script(["--output_dir", str(run_dir), "--reslora_structure", structure, *extra, *QUICK,
                     "--report_to", "tensorboard"])
         out[structure] = run_dir
@@ -99,14 +100,15 @@ def test_kohya_file_loads_in_stock_diffusers_like_the_diffusers_file(runs_tb, st
 def test_kohya_keys_ranks_and_alpha(runs_tb, structure):
     diffusers_file = load_file(str(runs_tb[structure] / "pytorch_lora_weights.safetensors"))
     kohya = load_file(str(runs_tb[structure] / "pytorch_lora_weights_kohya.safetensors"))
-    assert all(k.startswith("lora_unet_") for k in kohya)
+    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_"}  # kohya's names of the two parts
     assert {k.split(".", 1)[1] for k in kohya} == {"lora_down.weight", "lora_up.weight", "alpha"}
-    modules = {k[len("unet."):].rsplit(".lora_", 1)[0] for k in diffusers_file}
-    assert {k.split(".")[0] for k in kohya} == {"lora_unet_" + m.replace(".", "_") for m in modules}
+    modules = {k.rsplit(".lora_", 1)[0] for k in diffusers_file}
+    assert {m.split(".")[0] for m in modules} == ({"unet", "text_encoder"} if structure == "is" else {"unet"})
+    to_kohya = {m: kohya_prefix[m.split(".")[0]] + m.split(".", 1)[1].replace(".", "_") for m in modules}
+    assert {k.split(".")[0] for k in kohya} == set(to_kohya.values())
     ranks = {}
-    for m in modules:
-        k = "lora_unet_" + m.replace(".", "_")
-        a, b = diffusers_file[f"unet.{m}.lora_A.weight"], diffusers_file[f"unet.{m}.lora_B.weight"]
+    for m, k in to_kohya.items():
+        a, b = diffusers_file[f"{m}.lora_A.weight"], diffusers_file[f"{m}.lora_B.weight"]
         down, up, alpha = kohya[f"{k}.lora_down.weight"], kohya[f"{k}.lora_up.weight"], kohya[f"{k}.alpha"].item()
         ranks[m] = down.shape[0]
         assert down.shape == a.shape and up.shape == b.shape
@@ -114,24 +116,33 @@ def test_kohya_keys_ranks_and_alpha(runs_tb, structure):
         torch.testing.assert_close(alpha / down.shape[0] * up @ down, b @ a, rtol=1e-5, atol=1e-7)
     # every projection kind follows SD2's runs of equal weight shape; bs with pre_num 2 concatenates up to 3 blocks
     expected = sorted(RANK * min(i + 1, 3) for n in SD2_RUNS for i in range(n)) * 8 if structure == "bs" else [RANK] * 128
-    assert sorted(ranks.values()) == sorted(expected)
+    assert sorted(r for m, r in ranks.items() if m.startswith("unet.")) == sorted(expected)
+    if structure == "is":  # 2 CLIP layers x 4 projections, under transformers 4's names as SD LoRAs have them
+        assert sorted(m for m in ranks if m.startswith("text_encoder.")) == sorted(
+            f"text_encoder.text_model.encoder.layers.{i}.self_attn.{p}" for i in range(2)
+            for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
     alphas = {kohya[k].item() for k in kohya if k.endswith(".alpha")}
     assert len(alphas) == 1  # one alpha: diffusers 0.42 keeps only the most common per-module alpha
 
 
-def test_merge_cli_export_format(runs_tb, tmp_path):
+def test_merge_cli_export_format_and_text_encoder(runs_tb, tmp_path):
     out = tmp_path / "kohya-only"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "reslora_diffusers.merge", str(runs_tb["bs"]), "--merge", "ls", "--export_format",
+        [sys.executable, "-m", "reslora_diffusers.merge", str(runs_tb["is"]), "--merge", "ls", "--export_format",
          "kohya", "--output_dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "pytorch_lora_weights_kohya.safetensors").exists()
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     a = load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))
-    b = load_file(str(runs_tb["bs"] / "pytorch_lora_weights_kohya.safetensors"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float()) for k in a)  # bs merges exactly
+    b = load_file(str(runs_tb["is"] / "pytorch_lora_weights_kohya.safetensors"))
+    assert any(k.startswith("lora_te1_") for k in a)  # the text encoder is re-merged too
+    assert a.keys() == b.keys()
+    for k in (k for k in a if k.endswith(".lora_down.weight")):  # the same ls merge on the same calibration set
+        module = k[: -len(".lora_down.weight")]
+        delta_a, delta_b = (f[f"{module}.lora_up.weight"] @ f[k] for f in (a, b))
+        assert ((delta_a - delta_b).norm() / delta_b.norm()).item() < 1e-3, module  # a least-squares fit: float noise
 
 
 # ----------------------------------------------------------------------- samples from the export
@@ -347,3 +358,40 @@ def test_chains_trace_on_sd15_and_sdxl_unets_and_exports_load_back(layout, tmp_p
         print(json.dumps(errors))
     """)
     assert max(result.values()) < 1e-5, result
+
+
+# ---------------------------------------------------------------------------------- text encoder
+def test_text_encoder_export_changes_it_and_a_stock_load_reproduces_the_merged_model(runs_tb, tmp_path):
+    from reslora_diffusers import load_training_state, merged_view
+    from reslora_diffusers.sd_run import TEXT_ENCODER_STATE_DIR, load_text_calibration, merge_unet, text_encoder_forward
+    from reslora_diffusers.tiny_sd2 import load_tiny_base
+
+    run_dir = runs_tb["is"]
+    text_batches = load_text_calibration(str(run_dir))
+    ids = text_batches[-1][0]
+    text_encoder = load_tiny_base().text_encoder
+    load_training_state(text_encoder, str(run_dir / TEXT_ENCODER_STATE_DIR))
+    result = merge_unet(text_encoder.eval(), "ls", text_batches, forward_fn=text_encoder_forward)
+    with torch.no_grad(), merged_view(text_encoder, result):
+        merged = text_encoder(ids)[0]
+    torch.save(ids, tmp_path / "ids.pt")
+    stock = run_stock(f"""
+        import torch
+        from diffusers import StableDiffusionPipeline
+        ids = torch.load({str(tmp_path / "ids.pt")!r})
+        outputs = {{}}
+        for name in (None, "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+            pipe = StableDiffusionPipeline.from_pretrained({TINY_BASE!r}, safety_checker=None, dtype=torch.float32)
+            if name:
+                pipe.load_lora_weights({str(run_dir)!r}, weight_name=name)
+            with torch.no_grad():
+                outputs[str(name)] = pipe.text_encoder(ids)[0]
+        torch.save(outputs, {str(tmp_path / "stock.pt")!r})
+        print(json.dumps(sorted(outputs)))
+    """)
+    outputs = torch.load(tmp_path / "stock.pt")
+    assert len(stock) == 3
+    base = outputs.pop("None")
+    for name, out in outputs.items():
+        assert ((out - base).norm() / base.norm()).item() > 1e-3, name  # the export changes the text encoder
+        torch.testing.assert_close(out, merged, rtol=1e-5, atol=1e-5)  # as the merged model computes
