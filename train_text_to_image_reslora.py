@@ -706,12 +706,8 @@ def main(args):
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
-    if args.train_text_encoder:
-        unet, text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-            unet, text_encoder, optimizer, dataloader, lr_scheduler)
-    else:
-        unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
-    trained = [unet, text_encoder] if args.train_text_encoder else [unet]  # as prepared
+    *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
+    unet, text_encoder = trained[0], (trained[1] if args.train_text_encoder else text_encoder)
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     if accelerator.is_main_process and report_to != "none":
