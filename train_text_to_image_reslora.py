@@ -600,7 +600,7 @@ def save_checkpoint(accelerator, args, step):
 # ----------------------------------------------------------------------------------------- main
 def main(args):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
     from transformers import PreTrainedModel
@@ -621,6 +621,9 @@ def main(args):
         mode = check_training_setup(accelerator, args.gradient_accumulation_steps, args.max_grad_norm)
     except UnsupportedDistributedMode as err:
         raise TrainingError(str(err)) from err
+    if args.train_text_encoder and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise TrainingError("--train_text_encoder is not supported with DeepSpeed yet (one model per DeepSpeed engine "
+                            "here). Train it in a single process or with DDP, or drop --train_text_encoder.")
     accelerator.print(f"Training mode: {mode}, {accelerator.num_processes} process(es), device {accelerator.device}")
     hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     set_seed(args.seed)
