@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,13 @@ from reslora_diffusers.distributed import (
     release_ddp_reducer,
     save_state_kwargs,
 )
-from reslora_diffusers.export import load_training_state, save_training_state
+from reslora_diffusers.export import (
+    DIFFUSERS_WEIGHT_NAME,
+    EXPORT_FORMATS,
+    KOHYA_WEIGHT_NAME,
+    load_training_state,
+    save_training_state,
+)
 from reslora_diffusers.run_dir import (
     RunDirError,
     acquire_lock,
@@ -51,13 +58,16 @@ from reslora_diffusers.run_dir import (
 from reslora_diffusers.sd_run import (
     CALIBRATION_NAME,
     TARGET_MODULES,
+    TEXT_ENCODER_STATE_DIR,
+    TEXT_ENCODER_TARGET_MODULES,
     export_complete,
     export_run,
-    merge_unet,
+    merge_pipeline,
     remove_export,
     save_calibration,
     split_calibration,
     step_dir_name,
+    text_encoder_forward,
     unet_forward,
 )
 
@@ -67,6 +77,7 @@ DATASET_ALIASES = {
     "naruto-blip-captions": "lambdalabs/naruto-blip-captions",
 }
 EMBEDDED_DATASET = "pokemon-style"
+EXPORT_SAMPLES_DIR = "export"  # samples/export/: from the exported file, loaded by stock diffusers
 DEFAULT_SAMPLE_PROMPTS = [
     "a green cartoon creature with big eyes and a long tail",
     "a pink cartoon creature with small ears",
@@ -88,6 +99,9 @@ OPERATIONAL_FLAGS = {
     "dataloader_num_workers", "cache_dir", "checkpointing_steps", "checkpoints_total_limit", "max_train_steps",
     "num_train_epochs", "reslora_config",
 }
+# --image_interpolation_mode: torchvision's InterpolationMode names (as upstream) -> PIL resampling filters
+INTERPOLATION_MODES = {"nearest": "NEAREST", "nearest_exact": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC",
+                       "box": "BOX", "hamming": "HAMMING", "lanczos": "LANCZOS"}
 
 
 class TrainingError(RuntimeError):
@@ -126,6 +140,9 @@ def parse_args(input_args=None):
                    help=f"Merge for is/ms: {', '.join(MERGE_METHODS)} (bs is exact). ls fits on calibration inputs; "
                    "bi/bw are the paper's.")
     g.add_argument("--merge_window", type=int, default=50, help="Window of activation norms for the bi merge.")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="Also put ResLoRA on the CLIP text encoder's attention (q/k/v/out_proj), with its own chains; "
+                   "exported under text_encoder.")
     g.add_argument("--calibration_batches", type=int, default=4,
                    help="Fixed batches kept to fit the ls merge (half) and measure merge error (half, other images).")
     g.add_argument("--shortcut_decay", type=float, nargs=2, default=None, metavar=("START", "END"),
@@ -142,6 +159,8 @@ def parse_args(input_args=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resolution", type=int, default=None)
     g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--image_interpolation_mode", choices=list(INTERPOLATION_MODES), default="bilinear",
+                   help="Resize filter (upstream's default is lanczos; bilinear keeps this script's earlier runs).")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--train_batch_size", type=int, default=None)
     g.add_argument("--num_train_epochs", type=int, default=100)
@@ -164,6 +183,9 @@ def parse_args(input_args=None):
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit (needs bitsandbytes and CUDA).")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention in the UNet (needs xformers and CUDA).")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=500)
@@ -179,9 +201,20 @@ def parse_args(input_args=None):
     g.add_argument("--num_validation_images", type=int, default=1, help="Seeds per prompt in each snapshot.")
     g.add_argument("--sample_num_inference_steps", type=int, default=20)
     g.add_argument("--sample_guidance_scale", type=float, default=4.0)
+    g.add_argument("--validation_epochs", type=int, default=None,
+                   help="Also sample at the end of every N-th epoch (upstream's validation cadence; default: only "
+                   "--sample_steps).")
     g.add_argument("--sample_unmerged", action="store_true", help="Also save the unmerged view (is/ms).")
     g.add_argument("--report_to", default=None, help="tensorboard, wandb, all or none. Default: tensorboard if installed.")
     g.add_argument("--logging_dir", default="logs")
+
+    g = p.add_argument_group("export")
+    g.add_argument("--export_format", choices=EXPORT_FORMATS, default="both",
+                   help=f"diffusers: {DIFFUSERS_WEIGHT_NAME} (load_lora_weights); kohya: {KOHYA_WEIGHT_NAME} "
+                   "(ComfyUI, A1111; diffusers loads it too); both.")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload the export and samples to the hub at the end.")
+    g.add_argument("--hub_model_id", default=None, help="Hub repository (default: the output_dir's name).")
+    g.add_argument("--hub_token", default=None)
     args = p.parse_args(input_args)
     fill_defaults(args)
     return args
@@ -349,13 +382,14 @@ def to_8bit(image):
     return Image.fromarray(np.round(array / 257).astype(np.uint8), "L")
 
 
-def transform_image(image, resolution, center_crop, random_flip, rng):
+def transform_image(image, resolution, center_crop, random_flip, rng, interpolation="bilinear"):
     """Resize (shorter side), crop, maybe flip, to a [-1, 1] CHW tensor. PIL + numpy only."""
     from PIL import Image
 
     w, h = image.size
     scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+    resample = getattr(Image.Resampling, INTERPOLATION_MODES[interpolation])
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), resample)
     w, h = image.size
     if center_crop:
         left, top = (w - resolution) // 2, (h - resolution) // 2
@@ -399,7 +433,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
             return_tensors="pt",
         ).input_ids[0]
-        pixels = transform_image(image, self.args.resolution, self.args.center_crop, self.args.random_flip, rng)
+        pixels = transform_image(image, self.args.resolution, self.args.center_crop, self.args.random_flip, rng,
+                                 self.args.image_interpolation_mode)
         return {"pixel_values": pixels, "input_ids": ids}
 
 
@@ -464,6 +499,7 @@ def load_components(args):
             "--pretrained_model_name_or_path at a pipeline saved with save_pretrained, or a hub id such as "
             "stabilityai/stable-diffusion-2."
         )
+    refuse_sdxl(path, args.revision)
     kw = dict(revision=args.revision)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=args.revision)
@@ -484,24 +520,42 @@ def load_components(args):
     return path, tokenizer, text_encoder, vae, unet, scheduler
 
 
+def refuse_sdxl(path, revision):
+    """SDXL (two text encoders, time ids) is not supported by this script yet: say so before loading weights."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(path, revision=revision)
+    except Exception:  # unreachable or not a pipeline: load_components reports it
+        return
+    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
+        raise TrainingError(
+            f"{path} is an SDXL pipeline ({index.get('_class_name')}); SDXL (two text encoders, time ids) is not "
+            "supported by this script yet. Use an SD 1.x/2.x pipeline."
+        )
+
+
 # ------------------------------------------------------------------------------------- sampling
 class Sampler:
     """Generates the fixed prompts x seeds with the training UNet (no pipeline copy, no CPU autocast)."""
 
-    def __init__(self, args, accelerator, tokenizer, text_encoder, vae, unet, scheduler):
+    def __init__(self, args, accelerator, tokenizer, text_encoder, vae, unet, scheduler, calibration, text_calibration):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         self.args, self.accelerator = args, accelerator
+        self.calibration, self.text_calibration = calibration, text_calibration
         self.prompts = sample_prompts(args)
         self.seeds = list(range(args.num_validation_images))
         self.unet = unet
+        self.text_encoder = accelerator.unwrap_model(text_encoder)
         self.pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
+            vae=vae, text_encoder=self.text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
             scheduler=DDIMScheduler.from_config(scheduler.config), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
         self.pipe.set_progress_bar_config(disable=True)
         self.samples_dir = Path(args.output_dir) / "samples"
+        self.last_step = None  # the step of the latest snapshot
 
     def _autocast(self):
         precision = self.accelerator.mixed_precision
@@ -510,14 +564,14 @@ class Sampler:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.accelerator.device.type, dtype=dtype)  # fp32 LoRA beside 16-bit weights
 
-    def generate(self):
+    def generate(self, pipe=None):
         rows = []
         for prompt in self.prompts:
             row = []
             for seed in self.seeds:
                 g = torch.Generator(device=self.accelerator.device).manual_seed(seed)
                 with self._autocast():
-                    image = self.pipe(
+                    image = (pipe or self.pipe)(
                         prompt, num_inference_steps=self.args.sample_num_inference_steps,
                         guidance_scale=self.args.sample_guidance_scale, generator=g,
                         height=self.args.resolution, width=self.args.resolution,
@@ -527,21 +581,38 @@ class Sampler:
         return rows
 
     @torch.no_grad()
-    def snapshot(self, step, calibration):
+    def snapshot(self, step):
         """Save merged-view samples (and unmerged on request) for ``step``, then redraw the progress grid."""
         model = self.accelerator.unwrap_model(self.unet)
+        text_encoder = self.text_encoder if self.args.train_text_encoder else None
         was_training = model.training
         model.eval()
+        self.text_encoder.eval()
         try:
-            result = merge_unet(model, self.args.merge, calibration)
-            with merged_view(model, result):
+            results = merge_pipeline(model, self.args.merge, self.calibration, text_encoder, self.text_calibration)
+            with contextlib.ExitStack() as views_on:
+                views_on.enter_context(merged_view(model, results["unet"]))
+                if text_encoder is not None:
+                    views_on.enter_context(merged_view(text_encoder, results["text_encoder"]))
                 merged = self.generate()
             views = {"": merged}
             if self.args.sample_unmerged and self.args.reslora_structure in ("is", "ms"):
                 views["unmerged"] = self.generate()
         finally:
             model.train(was_training)
-        folder = self.samples_dir / step_dir_name(step)
+            self.text_encoder.train(was_training and text_encoder is not None)
+        self.last_step = step
+        self.save(self.samples_dir / step_dir_name(step), views, step, "samples")
+        return merged
+
+    @torch.no_grad()
+    def export_snapshot(self, pipe, step):
+        """Samples from a fresh pipeline that loaded the exported file: the grid's last column, "export"."""
+        pipe.set_progress_bar_config(disable=True)
+        self.save(self.samples_dir / EXPORT_SAMPLES_DIR, {"": self.generate(pipe)}, step, "export")
+
+    def save(self, folder, views, step, tag):
+        """Write the images of ``views`` ({subfolder: rows}), redraw the grid, send both to the trackers."""
         for sub, rows in views.items():
             (folder / sub).mkdir(parents=True, exist_ok=True)
             for i, row in enumerate(rows):
@@ -549,25 +620,57 @@ class Sampler:
                     image.save(folder / sub / f"prompt-{i:02d}_seed-{seed}.png")
         with open(folder / "prompts.json", "w") as f:
             json.dump({"prompts": self.prompts, "seeds": self.seeds}, f, indent=2)
-        self.draw_grid()
-        return merged
+        grid = self.draw_grid()
+        log_images(self.accelerator, {tag: [im for row in views[""] for im in row], "progress_grid": [grid]}, step)
 
     def draw_grid(self):
         from PIL import Image
 
         from reslora_diffusers.grids import make_grid
 
-        steps = sorted(self.samples_dir.glob("step-*"))
-        if not steps:
-            return
+        columns = sorted(self.samples_dir.glob("step-*"))
+        labels = [f"step {int(s.name.split('-')[1])}" for s in columns]
+        if (self.samples_dir / EXPORT_SAMPLES_DIR).is_dir():
+            columns.append(self.samples_dir / EXPORT_SAMPLES_DIR)
+            labels.append("export")
         rows = []
         for i, _ in enumerate(self.prompts):
-            rows.append([Image.open(s / f"prompt-{i:02d}_seed-{self.seeds[0]}.png").convert("RGB") for s in steps])
-        labels = [f"step {int(s.name.split('-')[1])}" for s in steps]
+            rows.append([Image.open(s / f"prompt-{i:02d}_seed-{self.seeds[0]}.png").convert("RGB") for s in columns])
         grid = make_grid(rows, row_labels=self.prompts, col_labels=labels)
         tmp = Path(self.args.output_dir) / ".progress_grid.png.tmp"
         grid.save(tmp, format="PNG")
         os.replace(tmp, Path(self.args.output_dir) / "progress_grid.png")
+        return grid
+
+
+def log_images(accelerator, images, step):
+    """Send ``{tag: [PIL images]}`` to the trackers, as diffusers' log_validation does."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for tag, ims in images.items():
+                if len({im.size for im in ims}) == 1:
+                    tracker.writer.add_images(tag, np.stack([np.asarray(im.convert("RGB")) for im in ims]), step,
+                                              dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(im) for im in ims] for tag, ims in images.items()}, step=step)
+
+
+def sample_from_export(args, sampler_obj, model_path, export_dir, weight_dtype, step):
+    """Reload the export with stock diffusers into a fresh pipeline and sample the fixed prompts and seeds."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_path, revision=args.revision, variant=args.variant, dtype=weight_dtype, safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if args.prediction_type is not None:
+        pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
+    weight_name = KOHYA_WEIGHT_NAME if args.export_format == "kohya" else DIFFUSERS_WEIGHT_NAME
+    pipe.load_lora_weights(export_dir, weight_name=weight_name)
+    sampler_obj.export_snapshot(pipe.to(sampler_obj.accelerator.device), step)
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -576,10 +679,12 @@ def main(args):
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
+    from transformers import PreTrainedModel
     from tqdm.auto import tqdm
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     report_to = resolve_report_to(args.report_to)
+    check_optional_features(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -597,7 +702,11 @@ def main(args):
             "--merge_at resets the optimizer moments of the merged factors, which DeepSpeed keeps in its own "
             "partitions. Use --shortcut_decay under DeepSpeed, or train with DDP."
         )
+    if args.train_text_encoder and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise TrainingError("--train_text_encoder is not supported with DeepSpeed yet (one model per DeepSpeed engine "
+                            "here). Train it in a single process or with DDP, or drop --train_text_encoder.")
     accelerator.print(f"Training mode: {mode}, {accelerator.num_processes} process(es), device {accelerator.device}")
+    hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     set_seed(args.seed)
 
     # --- the output dir is ours, and everything that can be wrong with the inputs is checked before any write
@@ -625,10 +734,16 @@ def main(args):
     vae.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     inject_reslora(unet, args.reslora_config)
+    trained = [unet]
+    if args.train_text_encoder:
+        inject_reslora(text_encoder, dataclasses.replace(args.reslora_config, target_modules=TEXT_ENCODER_TARGET_MODULES))
+        trained.append(text_encoder)
     if accelerator.mixed_precision in ("fp16", "bf16"):
-        cast_training_params(unet, dtype=torch.float32)  # LoRA weights (and merge statistics) stay fp32
+        cast_training_params(trained, dtype=torch.float32)  # LoRA weights (and merge statistics) stay fp32
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # diffusers' default is non-reentrant: exact for is/ms
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -641,16 +756,21 @@ def main(args):
     run_info = {"pretrained_model_name_or_path": model_path, "revision": args.revision, "dataset": dataset_name,
                 "card": card, "steps": resume_step}
 
+    def state_dir(model, output_dir):  # the text encoder's state (a transformers model) goes to a subfolder
+        return os.path.join(output_dir, TEXT_ENCODER_STATE_DIR) if isinstance(model, PreTrainedModel) else output_dir
+
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                save_training_state(accelerator.unwrap_model(model), output_dir, extra=run_info)
+                model = accelerator.unwrap_model(model)
+                save_training_state(model, state_dir(model, output_dir), extra=run_info)
         while weights:
             weights.pop()  # only the ResLoRA state, not the frozen base
 
     def load_model_hook(models, input_dir):
         while models:
-            load_training_state(accelerator.unwrap_model(models.pop()), input_dir)
+            model = accelerator.unwrap_model(models.pop())
+            load_training_state(model, state_dir(model, input_dir))
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -664,8 +784,14 @@ def main(args):
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+    params = [p for model in trained for p in model.parameters() if p.requires_grad]
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -674,18 +800,20 @@ def main(args):
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
+    unet, text_encoder = trained[0], (trained[1] if args.train_text_encoder else text_encoder)
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     if resume_step >= args.max_train_steps and export_complete(args.output_dir):
         accelerator.print(f"{args.output_dir} is trained to step {resume_step} (--max_train_steps {args.max_train_steps}) "
                           "and exported; nothing to do.")
-        return finish(accelerator, unet, 0)
+        return finish(accelerator, trained, 0)
 
     # --- fixed calibration set (ls merge and merge error), from the first examples and fixed noise
-    calibration = build_calibration(args, train_dataset, vae, text_encoder, noise_scheduler, accelerator, weight_dtype)
+    calibration, text_calibration = build_calibration(args, train_dataset, vae, text_encoder, noise_scheduler, accelerator,
+                                                      weight_dtype)
     if accelerator.is_main_process:  # every input is checked: from here on the run writes to its output dir
-        claim_output_dir(args, resume_path, resume_step, calibration)
+        claim_output_dir(args, resume_path, resume_step, calibration, text_calibration)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and report_to != "none":
         accelerator.init_trackers("reslora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
@@ -698,13 +826,17 @@ def main(args):
         first_epoch = global_step // updates_per_epoch
         resume_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
-    # lambda for each step, and merge_at's in-place merge (on every rank, on the same fit half)
-    schedule = ShortcutSchedule(accelerator.unwrap_model(unet), args.max_train_steps, optimizer, args.merge,
-                                split_calibration(calibration)[0], unet_forward)
-    schedule.update(global_step)
-    sampler_obj = Sampler(args, accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler) if accelerator.is_main_process else None
+    # lambda for each step, and merge_at's in-place merge (on every rank, on the same fit half), per trained model
+    schedules = [ShortcutSchedule(accelerator.unwrap_model(unet), args.max_train_steps, optimizer, args.merge,
+                                  split_calibration(calibration)[0], unet_forward)]
+    if args.train_text_encoder:
+        schedules.append(ShortcutSchedule(accelerator.unwrap_model(text_encoder), args.max_train_steps, optimizer,
+                                          args.merge, split_calibration(text_calibration)[0], text_encoder_forward))
+    lam = [schedule.update(global_step) for schedule in schedules][0]
+    sampler_obj = Sampler(args, accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler, calibration,
+                          text_calibration) if accelerator.is_main_process else None
     if sampler_obj is not None and global_step == 0:
-        sampler_obj.snapshot(0, calibration)
+        sampler_obj.snapshot(0)
 
     stop = {"signal": None}
 
@@ -720,6 +852,7 @@ def main(args):
     last_checkpoint = None
     exit_code = 0
     unet.train()
+    text_encoder.train(args.train_text_encoder)
     start = time.time()
     try:
         # a resume at or past --max_train_steps trains nothing
@@ -735,7 +868,7 @@ def main(args):
                 bad_images.update(batch["bad_indices"].tolist())
                 if "pixel_values" not in batch:
                     continue
-                with accelerator.accumulate(unet):
+                with accelerator.accumulate(*trained):
                     gen = step_generator(args.seed, global_step, micro, accelerator)
                     loss = diffusion_loss(args, batch, vae, text_encoder, unet, noise_scheduler, weight_dtype, gen, compute_snr)
                     accumulated += loss.detach() / args.gradient_accumulation_steps
@@ -758,7 +891,7 @@ def main(args):
                         "Lower --learning_rate, set --max_grad_norm, or use --mixed_precision bf16/no instead of fp16."
                     )
                 global_step += 1
-                lam = schedule.update(global_step)  # before checkpoint and samples: the state after this step
+                lam = [schedule.update(global_step) for schedule in schedules][0]  # the state after this step
                 run_info["steps"] = global_step
                 progress.update(1)
                 logs = {"loss": step_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
@@ -769,9 +902,9 @@ def main(args):
                 if global_step % args.checkpointing_steps == 0:
                     last_checkpoint = checkpoint(accelerator, args, global_step)
                 if global_step % args.sample_steps == 0:
-                    sync_merge_statistics(accelerator, unet)  # on every rank, before the main process merges
+                    sync_merge_statistics(accelerator, trained)  # on every rank, before the main process merges
                     if sampler_obj is not None:
-                        sampler_obj.snapshot(global_step, calibration)
+                        sampler_obj.snapshot(global_step)
                 if args.simulate_interrupt_at_step == global_step:
                     stop["signal"] = signal.SIGTERM
                 if stop_requested(stop, accelerator):
@@ -782,6 +915,10 @@ def main(args):
                     return exit_code
                 if global_step >= args.max_train_steps:
                     break
+            if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and global_step % args.sample_steps:
+                sync_merge_statistics(accelerator, trained)
+                if sampler_obj is not None:
+                    sampler_obj.snapshot(global_step)
             if global_step >= args.max_train_steps:
                 break
     except (TrainingError, RunDirError) as err:
@@ -795,32 +932,46 @@ def main(args):
             accelerator.print(f"Skipped {len(bad_images)} unreadable image(s) (--on_bad_image skip): {sorted(bad_images)[:20]}")
 
     elapsed = time.time() - start
-    sync_merge_statistics(accelerator, unet)
+    sync_merge_statistics(accelerator, trained)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         if not (sampler_obj.samples_dir / step_dir_name(global_step)).is_dir():
-            sampler_obj.snapshot(global_step, calibration)
+            sampler_obj.snapshot(global_step)
         save_training_state(model, args.output_dir, extra=run_info)
         model.eval()
-        export_run(model, args.output_dir, args.merge, calibration, card=card,
+        trained_text_encoder = None
+        if args.train_text_encoder:
+            trained_text_encoder = accelerator.unwrap_model(text_encoder).eval()
+            save_training_state(trained_text_encoder, os.path.join(args.output_dir, TEXT_ENCODER_STATE_DIR), extra=run_info)
+        export_run(model, args.output_dir, args.merge, calibration, card=card, export_format=args.export_format,
+                   text_encoder=trained_text_encoder, text_batches=text_calibration,
                    extra={"steps": global_step, "train_seconds": round(elapsed, 1), "skipped_images": len(bad_images),
-                          "merge_at_report": schedule.merge_report})
+                          "merge_at_report": schedules[0].merge_report,
+                          **({"text_encoder_merge_at_report": schedules[1].merge_report} if args.train_text_encoder else {})})
+        sample_from_export(args, sampler_obj, model_path, args.output_dir, weight_dtype, global_step)
         accelerator.print(f"Done: {global_step} steps in {elapsed:.0f}s. Merged LoRA in {args.output_dir}.")
-    return finish(accelerator, unet, exit_code)
+        if hub_repo_id is not None:
+            from huggingface_hub import upload_folder
+
+            upload_folder(repo_id=hub_repo_id, folder_path=args.output_dir, token=args.hub_token,
+                          commit_message="ResLoRA export", ignore_patterns=["checkpoint-*", ".*", args.logging_dir + "/*"])
+    return finish(accelerator, trained, exit_code)
 
 
-def finish(accelerator, unet, exit_code):
+def finish(accelerator, trained, exit_code):
     accelerator.wait_for_everyone()  # the other ranks wait for the export, then all leave together
-    release_ddp_reducer(unet)  # before end_training() destroys the process group: avoids a hang at exit
+    for model in trained:
+        release_ddp_reducer(model)  # before end_training() destroys the process group: avoids a hang at exit
     accelerator.end_training()
     return exit_code
 
 
-def sync_merge_statistics(accelerator, unet):
+def sync_merge_statistics(accelerator, models):
     """Average the 'bi' windows over processes (a collective: every rank calls it)."""
     if accelerator.num_processes > 1:
-        get_controller(unet).sync_statistics()
+        for model in models:
+            get_controller(model).sync_statistics()
 
 
 def resolve_report_to(value):
@@ -832,6 +983,42 @@ def resolve_report_to(value):
         if name != "none" and importlib.util.find_spec(name) is None:
             raise TrainingError(f"--report_to {value}: {name} is not installed. pip install {name}, or pass --report_to none.")
     return value
+
+
+def check_optional_features(args):
+    """Flags that need a package, a GPU or the hub fail here, before any model or data is loaded."""
+    import importlib.util
+
+    needs = {"--enable_xformers_memory_efficient_attention": (args.enable_xformers_memory_efficient_attention, "xformers"),
+             "--use_8bit_adam": (args.use_8bit_adam, "bitsandbytes")}
+    for flag, (wanted, package) in needs.items():
+        if not wanted:
+            continue
+        if importlib.util.find_spec(package) is None:
+            raise TrainingError(f"{flag} needs {package}, which is not installed: pip install {package}, or drop {flag}.")
+        if not torch.cuda.is_available():
+            raise TrainingError(f"{flag} needs a CUDA GPU ({package}); none is available. Drop {flag} on this machine.")
+    if args.push_to_hub:
+        if args.report_to == "wandb" and args.hub_token is not None:
+            raise TrainingError("--hub_token with --report_to wandb would expose the token in the run config; "
+                                "log in with `hf auth login` instead of passing --hub_token.")
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise TrainingError("--push_to_hub needs the Hugging Face hub, but HF_HUB_OFFLINE is set. Unset it, or "
+                                "drop --push_to_hub and upload the output_dir later (`hf upload`).")
+
+
+def create_hub_repo(args):
+    """Create (or reuse) the hub repository at start-up, so a missing network or login fails before training."""
+    from huggingface_hub import create_repo
+
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    try:
+        return create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+    except Exception as err:  # no network, no login, no permission
+        raise TrainingError(
+            f"--push_to_hub: could not create the hub repository {repo_id!r} ({type(err).__name__}: {str(err)[:200]}). "
+            "Check the network and `hf auth login` (or --hub_token), or drop --push_to_hub."
+        ) from err
 
 
 def resolve_checkpoint(args):
@@ -847,7 +1034,7 @@ def resolve_checkpoint(args):
     return path, verify_checkpoint(path)["step"]
 
 
-def claim_output_dir(args, resume_path, resume_step, calibration):
+def claim_output_dir(args, resume_path, resume_step, calibration, text_calibration=None):
     """The first writes: clear a replaced run (or a stale export), record this run's configuration and trajectory head,
     save the calibration set."""
     if args.overwrite_output_dir:
@@ -857,7 +1044,7 @@ def claim_output_dir(args, resume_path, resume_step, calibration):
     inside = resume_path is not None and resume_path.resolve().parent == Path(args.output_dir).resolve()
     write_run_record(args.output_dir, run_config(args), resume_path.name if inside else None)
     if resume_path is None or not os.path.exists(os.path.join(args.output_dir, CALIBRATION_NAME)):
-        save_calibration(calibration, args.output_dir)
+        save_calibration(calibration, args.output_dir, text_calibration)
 
 
 def checkpoint(accelerator, args, step):
@@ -898,6 +1085,7 @@ def diffusion_loss(args, batch, vae, text_encoder, unet, noise_scheduler, weight
     with torch.no_grad():
         latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator=gen)
         latents = latents * vae.config.scaling_factor
+    with torch.set_grad_enabled(args.train_text_encoder):
         hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
     noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
     if args.noise_offset:
@@ -922,7 +1110,9 @@ def diffusion_loss(args, batch, vae, text_encoder, unet, noise_scheduler, weight
 
 @torch.no_grad()
 def build_calibration(args, dataset, vae, text_encoder, noise_scheduler, accelerator, weight_dtype):
-    """Fixed UNet inputs: the first half of the batches fits the ls merge, the second half measures merge error.
+    """Fixed UNet inputs, and their token ids (the text encoder's calibration inputs).
+
+    The first half of the batches fits the ls merge, the second half measures merge error.
 
     The halves use different images (fit: the first readable examples; held out: the next ones), and in
     each half the timesteps are stratified over the whole range [0, num_train_timesteps), interleaved so
@@ -933,7 +1123,7 @@ def build_calibration(args, dataset, vae, text_encoder, noise_scheduler, acceler
     readable = (e for e in (dataset[i] for i in range(len(dataset))) if "bad_index" not in e)
     halves = [args.calibration_batches // 2, args.calibration_batches - args.calibration_batches // 2]  # as split
     steps = noise_scheduler.config.num_train_timesteps
-    batches = []
+    batches, text_batches = [], []
     for num_batches in halves:
         examples = [e for _, e in zip(range(num_batches * size), readable)]
         groups = [examples[i::num_batches] for i in range(num_batches)]  # batch b holds inputs b, b + n, ...
@@ -950,12 +1140,13 @@ def build_calibration(args, dataset, vae, text_encoder, noise_scheduler, acceler
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             hidden = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
             batches.append((noisy.float().cpu(), timesteps.cpu(), hidden.float().cpu()))
+            text_batches.append((batch["input_ids"],))
     if not batches:
         raise TrainingError(
             f"No image of the dataset could be read ({len(dataset)} example(s), column {args.image_column!r}). Check the "
             "image files, or pass --image_column with the column that holds the images."
         )
-    return batches
+    return batches, text_batches
 
 
 def cli(argv=None):

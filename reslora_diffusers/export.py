@@ -22,6 +22,8 @@ from .merging import MergeResult
 from .model import _unwrap, get_controller, inject_reslora
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"  # lora_unet_*/lora_te1_* keys: ComfyUI, A1111
+EXPORT_FORMATS = ("diffusers", "kohya", "both")
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 STATE_WEIGHT_NAME = "reslora_training_state.safetensors"
@@ -102,6 +104,56 @@ def diffusers_lora_state_dict(result: MergeResult, prefix: str = "unet", dtype=N
     return state
 
 
+def kohya_lora_state_dict(diffusers_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' own ``convert_state_dict_to_kohya``, with one alpha for every module.
+
+    The converter writes ``alpha`` = each module's rank (scale 1, right for our factors with the scale
+    folded into B). But diffusers 0.42's kohya loader keeps only the most common alpha and drops the
+    per-module ones, so a module of another rank (a ``bs`` export) would load with a wrong scale.
+    So every alpha is set to the most common rank, and each other module's ``lora_up`` is multiplied by
+    rank / alpha: every loader (diffusers, ComfyUI, A1111: scale = alpha / rank) computes the same B A.
+    """
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    state = convert_state_dict_to_kohya(diffusers_state)
+    ranks = {k[: -len(".alpha")]: int(v) for k, v in state.items() if k.endswith(".alpha")}
+    if not ranks:
+        return state
+    alpha = collections.Counter(ranks.values()).most_common(1)[0][0]
+    for module, rank in ranks.items():
+        state[f"{module}.alpha"] = torch.tensor(alpha)
+        if rank != alpha:
+            state[f"{module}.lora_up.weight"] = state[f"{module}.lora_up.weight"] * (rank / alpha)
+    return state
+
+
+def save_pipeline_lora(
+    results: dict[str, MergeResult], save_directory: str, export_format: str = "both", dtype=None
+) -> list[str]:
+    """Write merged LoRAs of pipeline parts (``{"unet": ..., "text_encoder": ...}``, keys prefixed with the
+    part's name) in one file per format.
+
+    ``diffusers``: ``pytorch_lora_weights.safetensors`` (``unet.*``/``text_encoder.*`` keys); ``kohya``:
+    ``pytorch_lora_weights_kohya.safetensors``; ``both``: the two. Returns the paths written.
+    """
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"Unknown export format {export_format!r}; use one of {', '.join(EXPORT_FORMATS)}.")
+    state = {}
+    for prefix, result in results.items():
+        state.update(diffusers_lora_state_dict(result, prefix, dtype))
+    written = {
+        DIFFUSERS_WEIGHT_NAME: lambda: state,
+        KOHYA_WEIGHT_NAME: lambda: kohya_lora_state_dict(state),
+    }
+    names = {"diffusers": [DIFFUSERS_WEIGHT_NAME], "kohya": [KOHYA_WEIGHT_NAME]}.get(export_format, list(written))
+    paths = []
+    for name in names:
+        path = os.path.join(save_directory, name)
+        atomic_save_file(written[name](), path)
+        paths.append(path)
+    return paths
+
+
 def _modules_to_save_state(model) -> dict[str, torch.Tensor]:
     """Full weights of peft ``modules_to_save`` wrappers, keyed as peft saves them."""
     from peft.utils.other import ModulesToSaveWrapper
@@ -129,16 +181,15 @@ def save_merged_lora(
 
     ``format="diffusers"``: ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(dir)``
     (scales are folded into lora_B, so diffusers' default alpha = rank is right).
+    ``format="kohya"``: ``pytorch_lora_weights_kohya.safetensors`` (``lora_unet_*`` keys) for ComfyUI/A1111.
     ``format="peft"``: ``adapter_model.safetensors`` + a plain ``adapter_config.json`` for
     ``PeftModel.from_pretrained``; pass ``model`` to include ``modules_to_save`` weights.
     """
     os.makedirs(save_directory, exist_ok=True)
-    if format == "diffusers":
-        path = os.path.join(save_directory, DIFFUSERS_WEIGHT_NAME)
-        atomic_save_file(diffusers_lora_state_dict(result, prefix, dtype), path)
-        return path
+    if format in ("diffusers", "kohya"):
+        return save_pipeline_lora({prefix: result}, save_directory, format, dtype)[0]
     if format != "peft":
-        raise ValueError(f"Unknown export format {format!r}; use 'diffusers' or 'peft'.")
+        raise ValueError(f"Unknown export format {format!r}; use 'diffusers', 'kohya' or 'peft'.")
 
     from peft import LoraConfig
 

@@ -16,7 +16,15 @@ from typing import Optional
 
 import torch
 
-from .export import DIFFUSERS_WEIGHT_NAME, atomic_save_file, atomic_write_text, load_safetensors, read_json, save_merged_lora
+from .export import (
+    DIFFUSERS_WEIGHT_NAME,
+    KOHYA_WEIGHT_NAME,
+    atomic_save_file,
+    atomic_write_text,
+    load_safetensors,
+    read_json,
+    save_pipeline_lora,
+)
 from .merging import merge_error, merge_reslora
 from .model import get_controller
 from .run_dir import file_sha256
@@ -25,6 +33,8 @@ CALIBRATION_NAME = "reslora_calibration.safetensors"
 REPORT_NAME = "merge_report.json"
 CARD_NAME = "README.md"
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention (--train_text_encoder)
+TEXT_ENCODER_STATE_DIR = "text_encoder"  # its training state, in a subfolder of the run or checkpoint
 
 
 def unet_forward(unet, batch):
@@ -35,12 +45,20 @@ def unet_forward(unet, batch):
     return unet(noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=hidden.to(device, dtype)).sample
 
 
-def save_calibration(batches: list[tuple], output_dir: str):
+def text_encoder_forward(text_encoder, batch):
+    """The text-encoder calibration forward: ``batch`` is (input_ids,)."""
+    return text_encoder(batch[0].to(next(text_encoder.parameters()).device), return_dict=False)[0]
+
+
+def save_calibration(batches: list[tuple], output_dir: str, text_batches: Optional[list[tuple]] = None):
+    """UNet inputs, and the token ids they came from (the text encoder's calibration inputs)."""
     tensors = {}
     for i, (noisy, timesteps, hidden) in enumerate(batches):
         tensors[f"{i}.noisy_latents"] = noisy
         tensors[f"{i}.timesteps"] = timesteps
         tensors[f"{i}.encoder_hidden_states"] = hidden
+    for i, (input_ids,) in enumerate(text_batches or []):
+        tensors[f"{i}.input_ids"] = input_ids
     atomic_save_file(tensors, os.path.join(output_dir, CALIBRATION_NAME))
 
 
@@ -56,6 +74,12 @@ def load_calibration(output_dir: str) -> list[tuple]:
     ]
 
 
+def load_text_calibration(output_dir: str) -> list[tuple]:
+    """The token-id batches saved beside the UNet calibration (empty for runs that predate them)."""
+    tensors = load_safetensors(os.path.join(output_dir, CALIBRATION_NAME))
+    return [(tensors[k],) for k in sorted((k for k in tensors if k.endswith(".input_ids")), key=lambda k: int(k.split(".")[0]))]
+
+
 def split_calibration(batches: list) -> tuple[list, list]:
     """First half fits (ls), second half measures; one batch serves both."""
     if len(batches) < 2:
@@ -64,47 +88,69 @@ def split_calibration(batches: list) -> tuple[list, list]:
     return batches[:half], batches[half:]
 
 
-def merge_unet(unet, method: str, calibration_batches: Optional[list] = None, svd_rank: Optional[int] = None):
-    """Merge a ResLoRA UNet; the report's errors are measured on the held-out half of the calibration set."""
+def merge_unet(unet, method: str, calibration_batches: Optional[list] = None, svd_rank: Optional[int] = None,
+               forward_fn=unet_forward):
+    """Merge a ResLoRA UNet (or, with ``text_encoder_forward``, a text encoder); the report's errors are
+    measured on the held-out half of the calibration set."""
     fit, held_out = split_calibration(calibration_batches or [])
     controller = get_controller(unet)
     structure = controller.config.structure
     if not controller.traced and calibration_batches:  # chains are traced on the first forward
         with torch.no_grad():
-            unet_forward(unet, calibration_batches[0])
+            forward_fn(unet, calibration_batches[0])
     needs_fit = method == "ls" and structure in ("is", "ms")
     result = merge_reslora(
-        unet, method=method, calibration_batches=fit if needs_fit else None, forward_fn=unet_forward, svd_rank=svd_rank
+        unet, method=method, calibration_batches=fit if needs_fit else None, forward_fn=forward_fn, svd_rank=svd_rank
     )
     if held_out:
-        result.report["held_out"] = merge_error(unet, result.factors, held_out, unet_forward)
-        result.report["held_out"].update(
-            note="relative error of the merged UNet output against the unmerged one",
-            num_inputs=sum(len(t) for _, t, _ in held_out),
-            timesteps=sorted(int(v) for _, t, _ in held_out for v in t),
-        )
+        result.report["held_out"] = merge_error(unet, result.factors, held_out, forward_fn)
+        result.report["held_out"]["note"] = "relative error of the merged model output against the unmerged one"
+        result.report["held_out"]["num_inputs"] = sum(len(batch[0]) for batch in held_out)
+        if all(len(batch) == 3 for batch in held_out):  # UNet inputs: (noisy latents, timesteps, text embeddings)
+            result.report["held_out"]["timesteps"] = sorted(int(t) for _, ts, _ in held_out for t in ts)
     return result
 
 
-def export_run(unet, output_dir: str, method: str, calibration_batches: Optional[list], svd_rank=None, extra=None,
-               card: Optional[dict] = None):
-    """Merge; write ``pytorch_lora_weights.safetensors``, ``merge_report.json`` and (given ``card``) the model card.
+def text_encoder_prefix(text_encoder) -> str:
+    """The export prefix of the text encoder's keys. SD LoRAs name CLIP's layers ``text_model.encoder.…``
+    (transformers 4's module names), and ComfyUI/A1111 look for those (``lora_te1_text_model_…``).
+    transformers 5 dropped ``text_model.`` from the module names; diffusers loads both forms."""
+    return "text_encoder" if hasattr(text_encoder, "text_model") else "text_encoder.text_model"
 
-    The three are written to a staging folder, then renamed into place with the report last. The report
-    records the LoRA's SHA-256, so a set left half-renamed by a crash is detected (:func:`export_complete`).
+
+def merge_pipeline(unet, method: str, calibration_batches, text_encoder=None, text_batches=None, svd_rank=None):
+    """``{"unet": MergeResult}``, plus ``"text_encoder"`` when it is given (trained with ResLoRA too)."""
+    results = {"unet": merge_unet(unet, method, calibration_batches, svd_rank)}
+    if text_encoder is not None:
+        results["text_encoder"] = merge_unet(text_encoder, method, text_batches, svd_rank, text_encoder_forward)
+    return results
+
+
+def export_run(unet, output_dir: str, method: str, calibration_batches: Optional[list], svd_rank=None, extra=None,
+               card: Optional[dict] = None, export_format: str = "both", text_encoder=None, text_batches=None):
+    """Merge; write the LoRA file(s) of ``export_format``, ``merge_report.json`` and (given ``card``) the model card.
+
+    They are written to a staging folder, then renamed into place with the report last. The report
+    records each LoRA file's SHA-256, so a set left half-renamed by a crash is detected (:func:`export_complete`).
     """
-    result = merge_unet(unet, method, calibration_batches, svd_rank)
-    report = {**result.report, **(extra or {})}
+    results = merge_pipeline(unet, method, calibration_batches, text_encoder, text_batches, svd_rank)
+    exported = {"unet": results["unet"]}
+    if text_encoder is not None:
+        exported[text_encoder_prefix(text_encoder)] = results["text_encoder"]
+    report = {**results["unet"].report, **(extra or {})}
+    if text_encoder is not None:
+        report["text_encoder"] = results["text_encoder"].report
     os.makedirs(output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=output_dir) as staging:
-        lora = save_merged_lora(result, staging, format="diffusers", prefix="unet")
-        report["lora_sha256"] = file_sha256(lora)
+        paths = save_pipeline_lora(exported, staging, export_format)
+        report["lora_sha256"] = {os.path.basename(p): file_sha256(p) for p in paths}
         atomic_write_text(json.dumps(report, indent=2, sort_keys=True), os.path.join(staging, REPORT_NAME))
-        names = [DIFFUSERS_WEIGHT_NAME]
+        names = [os.path.basename(p) for p in paths]
         if card is not None:
             merge = report["method"]  # "exact" for bs, and for is/ms once the shortcuts are gone (lambda = 0)
             held = report.get("held_out", {}).get("relative_output_error")
-            info = {**card, "merge": merge, "steps": report.get("steps"), "held_out_error": held}
+            info = {**card, "merge": merge, "steps": report.get("steps"), "held_out_error": held,
+                    "weight_name": names[0]}
             atomic_write_text(model_card(output_dir, info), os.path.join(staging, CARD_NAME))
             names.append(CARD_NAME)
         for name in [*names, REPORT_NAME]:
@@ -113,19 +159,23 @@ def export_run(unet, output_dir: str, method: str, calibration_batches: Optional
 
 
 def remove_export(output_dir: str):
-    """Remove an export's report (its commit record) and LoRA."""
-    for name in (REPORT_NAME, DIFFUSERS_WEIGHT_NAME):
+    """Remove an export's report (its commit record) and LoRA files."""
+    for name in (REPORT_NAME, DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
         if os.path.exists(os.path.join(output_dir, name)):
             os.remove(os.path.join(output_dir, name))
 
 
 def export_complete(output_dir: str) -> bool:
-    """The export's LoRA and report are there and belong together."""
-    lora, report = os.path.join(output_dir, DIFFUSERS_WEIGHT_NAME), os.path.join(output_dir, REPORT_NAME)
-    if not (os.path.exists(lora) and os.path.exists(report)):
+    """The export's report is there, and every LoRA file it lists is there with the SHA-256 it records."""
+    report = os.path.join(output_dir, REPORT_NAME)
+    if not os.path.exists(report):
         return False
     try:
-        return read_json(report).get("lora_sha256") == file_sha256(lora)
+        hashes = read_json(report).get("lora_sha256")
+        return bool(hashes) and all(
+            os.path.exists(os.path.join(output_dir, name)) and file_sha256(os.path.join(output_dir, name)) == sha
+            for name, sha in hashes.items()
+        )
     except (ValueError, AttributeError):
         return False
 
@@ -168,12 +218,19 @@ def model_card(output_dir: str, info: dict) -> str:
     lines += [
         "## How to use",
         "",
+    ]
+    if os.path.exists(os.path.join(output_dir, KOHYA_WEIGHT_NAME)):
+        lines += [f"ComfyUI / AUTOMATIC1111: put `{KOHYA_WEIGHT_NAME}` in the LoRA folder. diffusers:", ""]
+    weight_name = info.get("weight_name") or (
+        DIFFUSERS_WEIGHT_NAME if os.path.exists(os.path.join(output_dir, DIFFUSERS_WEIGHT_NAME)) else KOHYA_WEIGHT_NAME
+    )
+    lines += [
         "```python",
         "import torch",
         "from diffusers import StableDiffusionPipeline",
         "",
         f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
-        f'pipe.load_lora_weights("{info.get("repo_or_path", output_dir)}", weight_name="{DIFFUSERS_WEIGHT_NAME}")',
+        f'pipe.load_lora_weights("{info.get("repo_or_path", output_dir)}", weight_name="{weight_name}")',
         "pipe.fuse_lora()  # optional: fold the LoRA into the weights, zero inference overhead",
         f'image = pipe("{info.get("example_prompt", "a cartoon creature")}").images[0]',
         "```",

@@ -264,7 +264,7 @@ def test_remerge_writes_a_consistent_set_and_refuses_checkpoints(finished, tmp_p
     assert merge_cli.main([str(run), "--merge", "no"]) == 0
     report = json.loads((run / "merge_report.json").read_text())
     assert report["method"] == "no"
-    assert report["lora_sha256"] == hashlib.sha256((run / EXPORT[0]).read_bytes()).hexdigest()
+    assert report["lora_sha256"][EXPORT[0]] == hashlib.sha256((run / EXPORT[0]).read_bytes()).hexdigest()
     card = (run / "README.md").read_text()
     assert "| merge | no |" in card and f"{report['held_out']['relative_output_error']:.3g}" in card
     assert "| steps | 4 |" in card

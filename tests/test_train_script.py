@@ -167,8 +167,9 @@ def test_calibration_halves_use_different_images_and_spread_timesteps():
     text_encoder = lambda ids, return_dict: (ids.float()[:, :, None],)  # noqa: E731
     args = SimpleNamespace(seed=0, train_batch_size=8, calibration_batches=4)
     accelerator = SimpleNamespace(device=torch.device("cpu"))
-    batches = train.build_calibration(args, dataset, vae, text_encoder, DDPMScheduler(num_train_timesteps=1000),
-                                      accelerator, torch.float32)
+    batches, text_batches = train.build_calibration(args, dataset, vae, text_encoder,
+                                                    DDPMScheduler(num_train_timesteps=1000), accelerator, torch.float32)
+    assert [b[0].flatten().tolist() for b in text_batches] == [h.flatten().long().tolist() for _, _, h in batches]
     fit, held_out = batches[:2], batches[2:]  # split_calibration's halves
     used = [sorted(int(h) for _, _, hidden in half for h in hidden.flatten()) for half in (fit, held_out)]
     assert used == [[0, 1, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
