@@ -161,7 +161,8 @@ def run_tuned(args) -> int:
         runs.extend(done)
         return done
 
-    scores, best, edge = tune(arms, preset["lrs"], tune_seeds, run, EXPORTED_EXACT_MATCH, preset["max_extend"])
+    max_extend = preset["max_extend"] if args.max_extend is None else args.max_extend
+    scores, best, edge = tune(arms, args.lrs or preset["lrs"], tune_seeds, run, EXPORTED_EXACT_MATCH, max_extend)
     selected = select_families(arms, scores, best)
     eval_runs = run(evaluation_triples(selected, best, seeds, TUNED_ARMS["lora"]), phase="eval")
     rows, table = paired_table(eval_runs, selected, best, edge, EXPORTED_EXACT_MATCH)
@@ -462,6 +463,8 @@ def main(argv=None):
     ap.add_argument("--tuned", action="store_true", help="LLaMA: exported adapter vs a tuned LoRA (see above)")
     ap.add_argument("--tune_seeds", type=int, nargs="+", default=None, help="--tuned: the seeds that choose LRs")
     ap.add_argument("--tuned_arms", nargs="+", choices=list(TUNED_ARMS), default=None, help="--tuned: arms")
+    ap.add_argument("--lrs", type=float, nargs="+", default=None, help="--tuned: the starting learning-rate grid")
+    ap.add_argument("--max_extend", type=int, default=None, help="--tuned: grid extensions per side at an edge")
     args = ap.parse_args(argv)
     args.arms = list(dict.fromkeys(ARM_ALIASES.get(a, a) for a in args.arms))
 
