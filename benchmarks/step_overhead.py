@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive_reslora import NaiveResLoRA  # noqa: E402
 
-from reslora_diffusers import ResLoRAConfig, get_controller, inject_reslora, remove_reslora  # noqa: E402
+from reslora_diffusers import ResLoRAConfig, ShortcutSchedule, get_controller, inject_reslora, remove_reslora  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -150,12 +150,20 @@ class Arm:
 
 
 def ours_arm(model, structure: str, pre_num: int, rank: int, alpha: float, lam: float = 1.0) -> Arm:
+    """Our ResLoRA, stepped as the training script steps it: a ShortcutSchedule update before each step
+    (so the 'bi' norms are recorded every ``norm_every``-th step), lambda held at ``lam``."""
     cfg = ResLoRAConfig(structure=structure, pre_num=pre_num, r=rank, lora_alpha=alpha, target_modules=TARGETS)
-    state = {"summary": None}
+    state = {"summary": None, "step": 0, "hook": None}
+
+    def before_step(module, args):
+        state["schedule"].update(state["step"])
+        get_controller(model).shortcut_scale = lam
+        state["step"] += 1
 
     def attach():
         inject_reslora(model, cfg)
-        get_controller(model).shortcut_scale = lam
+        state["schedule"] = ShortcutSchedule(model, max_steps=10 ** 9)
+        state["hook"] = model.register_forward_pre_hook(before_step)
         if state["summary"] is not None:
             get_controller(model).restore_chains(state["summary"])
 
@@ -163,6 +171,7 @@ def ours_arm(model, structure: str, pre_num: int, rank: int, alpha: float, lam: 
         ctl = get_controller(model)
         if state["summary"] is None and ctl.traced:
             state["summary"] = ctl.chain_summary()
+        state["hook"].remove()
         remove_reslora(model)
 
     name = f"ResLoRA {structure} m={pre_num}" + (f" lambda={lam:g}" if lam != 1.0 else "")

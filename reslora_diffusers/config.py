@@ -52,8 +52,9 @@ class ResLoRAConfig:
     norm_every: int = field(
         default=4,
         metadata={
-            "help": "Record the 'bi' merge's activation norms on every k-th training forward (1: every forward). "
-            "The norm reads a whole activation per layer; every 4th keeps 'is' within 5% of LoRA's step time."
+            "help": "Under a ShortcutSchedule (the training script, the examples), record the 'bi' merge's activation "
+            "norms in every k-th optimizer step only (1: every step). The norm reads a whole activation per layer; "
+            "every 4th step keeps 'is' close to LoRA's step time. Without a schedule every training forward records."
         },
     )
     shortcut_decay: Optional[tuple[float, float]] = field(

@@ -235,7 +235,7 @@ def save_merged_lora(
 def save_training_state(model, save_directory: str, extra: Optional[dict] = None) -> str:
     """Save the unmerged ResLoRA weights, chains and merge statistics (not loadable as plain LoRA)."""
     controller = get_controller(model)
-    tensors, counts, forwards = {}, {}, {}
+    tensors, counts = {}, {}
     for name, v in controller.variants.items():
         a, b, _ = v.lora_weights()
         tensors[f"{name}.lora_A"] = a
@@ -243,7 +243,6 @@ def save_training_state(model, save_directory: str, extra: Optional[dict] = None
         if v.norm_window is not None:
             tensors[f"{name}.norm_window"] = v.norm_window
         counts[name] = v.norm_count
-        forwards[name] = v.train_forwards
     for key, value in _modules_to_save_state(model).items():
         tensors[f"modules_to_save::{key}"] = value
     meta = {
@@ -253,7 +252,6 @@ def save_training_state(model, save_directory: str, extra: Optional[dict] = None
         "adapter_name": controller.adapter_name,
         "chains": controller.chain_summary() if controller.traced else None,
         "norm_counts": counts,
-        "train_forwards": forwards,
         "shortcut_scale": controller.shortcut_scale,
         "shortcuts_merged": controller.shortcuts_merged,
         "extra": extra or {},
@@ -305,7 +303,6 @@ def load_training_state(model, save_directory: str):
             window = tensors.get(f"{name}.norm_window")
             v.norm_window = window.to(a.device) if window is not None else None
             v.norm_count = int(meta["norm_counts"].get(name, 0))
-            v.train_forwards = int(meta.get("train_forwards", {}).get(name, v.norm_count))
         for name, module in _unwrap(model).named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 target = module.modules_to_save[controller.adapter_name]

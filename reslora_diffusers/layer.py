@@ -80,7 +80,6 @@ class ResLoRAVariant(LoraVariant):
         # 'bi' merge statistics: a ring buffer of activation norms as a device tensor (no host sync)
         self.norm_window: Optional[torch.Tensor] = None
         self.norm_count = 0
-        self.train_forwards = 0  # training forwards seen; every config.norm_every-th records a norm
         self._stat_generation = -1
         # 'ls' merge statistics (float64 Gram matrices), filled in calibration mode
         self.gram: Optional[torch.Tensor] = None
@@ -154,10 +153,8 @@ class ResLoRAVariant(LoraVariant):
             return result + F.linear(F.linear(dropout(x), a_cat), b_cat) * scaling
 
         ctl.check_grad_mode(self)
-        record = False
-        if module.training and self._stat_generation != ctl.generation:  # once per forward (not on recompute)
-            record = self.train_forwards % ctl.config.norm_every == 0
-            self.train_forwards += 1
+        # once per forward (not on a checkpointing recompute), in the steps the schedule records
+        record = module.training and ctl.record_norms and self._stat_generation != ctl.generation
         self._stat_generation = ctl.generation
 
         if structure == "is":

@@ -78,6 +78,7 @@ class ResLoRAController:
         # lambda, the weight of every shortcut term (config.shortcut_decay); 0 once merged in place (merge_at)
         self.shortcut_scale = 1.0
         self.shortcuts_merged = False
+        self.record_norms = True  # training forwards record 'bi' norms; a ShortcutSchedule thins this by step
         self._hook = root.register_forward_pre_hook(self._start_forward)
 
     # --------------------------------------------------------------- forward
@@ -180,7 +181,7 @@ class ResLoRAController:
 
     def reset_statistics(self):
         for v in self.variants.values():
-            v.norm_window, v.norm_count, v.train_forwards, v.gram, v.cross = None, 0, 0, None, None
+            v.norm_window, v.norm_count, v.gram, v.cross = None, 0, None, None
 
     def sync_statistics(self):
         """Average the 'bi' windows over processes so that every rank merges identically."""

@@ -5,6 +5,8 @@ a resume too) and after every optimizer step, with ``step`` the number of optimi
 
 - lambda is ``config.shortcut_scale(step / max_steps)`` (``shortcut_decay``), so after the last step
   (progress 1) it is 0 and the export is exact;
+- the 'bi' norms are recorded in every ``config.norm_every``-th step only (reading a whole activation per
+  layer is what made 'is' slower than LoRA);
 - with ``merge_at`` F, the first update at ``step >= round(F * max_steps)`` merges 'is'/'ms' in place
   (``merge_shortcuts_in_place``) and drops the AdamW moments of the changed A's, which described the old
   factors; from then on the model is plain LoRA. A resumed run restores ``shortcuts_merged`` from its
@@ -59,8 +61,13 @@ class ShortcutSchedule:
         self.merge_report: Optional[dict] = None  # the report of the in-place merge, once done
 
     def update(self, step: int) -> float:
-        """Call with the number of optimizer steps done; returns lambda for the next step."""
+        """Call with the number of optimizer steps done; returns lambda for the next step.
+
+        The next step records the 'bi' norms only if ``step`` is a multiple of ``config.norm_every``: the
+        same steps on every process, whatever the accumulation, and again after a resume.
+        """
         ctl = self.controller
+        ctl.record_norms = step % ctl.config.norm_every == 0
         if self.merge_step is not None and step >= self.merge_step and not ctl.shortcuts_merged:
             self.merge_now()
         return ctl.set_progress(step / self.max_steps)
