@@ -70,6 +70,7 @@ from reslora_diffusers.sd_run import (
     text_encoder_forward,
     unet_forward,
 )
+from reslora_diffusers.schedule import add_schedule_arguments
 
 
 DATASET_ALIASES = {
@@ -145,12 +146,7 @@ def parse_args(input_args=None):
                    "exported under text_encoder.")
     g.add_argument("--calibration_batches", type=int, default=4,
                    help="Fixed batches kept to fit the ls merge (half) and measure merge error (half, other images).")
-    g.add_argument("--shortcut_decay", type=float, nargs=2, default=None, metavar=("START", "END"),
-                   help="Anneal the shortcuts: their weight is 1 until fraction START of training, falls (cosine) to "
-                   "0 at END and stays 0, so the export is exact plain LoRA. E.g. 0.5 0.9.")
-    g.add_argument("--merge_at", type=float, default=None, metavar="F",
-                   help="is/ms: at fraction F of training merge the shortcuts in place (--merge method) and train on "
-                   "as plain LoRA, so the export is exact. Not with DeepSpeed.")
+    add_schedule_arguments(g)  # --shortcut_decay, --merge_at
 
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default="reslora-model")

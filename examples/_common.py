@@ -40,6 +40,7 @@ from reslora_diffusers.distributed import (  # noqa: E402,F401
     process_group_kwargs,
     release_ddp_reducer,
 )
+from reslora_diffusers.schedule import add_schedule_arguments  # noqa: E402
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_reslora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -56,12 +57,7 @@ def add_reslora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                             "'ls' least squares on calibration batches, 'no' drop the shortcuts. 'bs' is exact.")
     group.add_argument("--num_calibration_batches", type=int, default=4,
                        help="Training batches used to fit the 'ls' merge and to measure every merge's error.")
-    group.add_argument("--shortcut_decay", type=float, nargs=2, default=None, metavar=("START", "END"),
-                       help="Anneal the shortcuts: weight 1 until fraction START of training, cosine to 0 at END, "
-                            "then 0, so the exported adapter is exact plain LoRA. E.g. 0.5 0.9.")
-    group.add_argument("--merge_at", type=float, default=None, metavar="F",
-                       help="is/ms: at fraction F of training merge the shortcuts in place (--merge method) and train "
-                            "on as plain LoRA, so the export is exact.")
+    add_schedule_arguments(group)  # --shortcut_decay, --merge_at
     return parser
 
 
