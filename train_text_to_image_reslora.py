@@ -818,6 +818,8 @@ def main(args):
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
         accelerator.load_state(str(resume_path), **load_state_kwargs(accelerator))
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its engine restores the weights, and
+            load_model_hook(list(trained), str(resume_path))  # skips our hook: the merge statistics come from here
         global_step = resume_step
         first_epoch = global_step // updates_per_epoch
         resume_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
