@@ -86,7 +86,7 @@ COMMON = ["--max_train_steps", "3", "--pokemon_style_size", "12", "--sample_step
 
 @pytest.mark.slow
 @pytest.mark.parametrize("structure,schedule", [
-    ("is", ["--shortcut_decay", "0.2", "0.9"]),  # lambda 0.97 and 0.5 in steps 2 and 3
+    ("is", ["--shortcut_decay", "0.2", "0.9"]),  # lambda 0.91 and 0.25 in steps 2 and 3
     ("bs", []),
     ("ms", ["--merge_at", "0.5"]),  # merged in place on both ranks after step 2
 ])
