@@ -260,25 +260,24 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
     """Train one arm; returns its curve (train/held-out loss, style) and final merged numbers.
 
     AdamW (weight decay 1e-2), constant LR, gradient clipping at 1.0: the training script's defaults.
-    Before each step lambda is set for progress ``step / steps`` (``shortcut_decay``); a ``merge_at``
-    arm merges in place at that step and resets the AdamW moments of the merged A's.
+    The shipped ``ShortcutSchedule`` sets lambda for progress ``step / steps`` (``shortcut_decay``) before
+    each step; a ``merge_at`` arm merges in place at that step and drops the AdamW moments of the merged A's.
     ``sample_every`` > 0 also samples (through the merged view) at step 0 and every ``sample_every`` steps.
     ``export_curve`` also records, at every evaluation, the held-out loss of the plain LoRA exported then.
     """
-    from reslora_diffusers import get_controller, merge_shortcuts_in_place
+    from reslora_diffusers import ShortcutSchedule
 
     unet = ctx.fresh_unet(arm, seed, rank)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    controller = get_controller(unet) if arm.structure is not None else None
-    merge_step = round(arm.merge_at * steps) if arm.merge_at else None
+    schedule = None if arm.structure is None else ShortcutSchedule(unet, steps, opt, merge, ctx.calibration, unet_forward)
     curve = []
     merges = {}  # step -> merge result: the final step's merge serves its samples and the final numbers
     train_seconds = 0.0
 
     def set_progress(step):
-        if controller is not None:
-            controller.set_progress(step / steps)
+        if schedule is not None:
+            schedule.update(step)
 
     def merged_at(step):
         if step not in merges:
@@ -310,12 +309,6 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
             unet_forward(unet, ctx.calibration[0])
     evaluate(0, None)
     for step in range(steps):
-        if step == merge_step:
-            merge_shortcuts_in_place(unet, merge, ctx.calibration, unet_forward)
-            merged_a = {id(controller.variants[n].lora_weights()[0]) for n in controller.variants}
-            for p in params:
-                if id(p) in merged_a:
-                    opt.state.pop(p, None)  # AdamW starts these moments afresh
         set_progress(step)
         inputs, target = ctx.batch(seed, step, batch_size)
         t0 = time.perf_counter()
@@ -342,8 +335,8 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
         with ctx.merged(unet, result):
             final["held_out_loss_merged"] = ctx.held_out_loss(unet)
         final["merge_relative_error"] = ctx.merge_error(unet, result)["relative_output_error"] if result else 0.0
-        if controller is not None:
-            final["shortcut_scale"] = controller.shortcut_scale
+        if schedule is not None:
+            final["shortcut_scale"] = schedule.controller.shortcut_scale
         if arm.structure is not None and run_dir is not None:
             from reslora_diffusers.export import save_training_state
 
