@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reslora_diffusers import ResLoRAConfig, ShortcutSchedule, get_controller, inject_reslora, merged_view
-from reslora_diffusers.config import MERGE_METHODS, STRUCTURES
-from reslora_diffusers.distributed import (
+from reslora_diffusers import ShortcutSchedule, inject_reslora, merged_view
+from reslora_diffusers.core.model import get_controller
+from reslora_diffusers.integrations.distributed import (
     UnsupportedDistributedMode,
     check_training_setup,
     load_state_kwargs,
@@ -38,14 +38,14 @@ from reslora_diffusers.distributed import (
     release_ddp_reducer,
     save_state_kwargs,
 )
-from reslora_diffusers.export import (
+from reslora_diffusers.core.export import (
     DIFFUSERS_WEIGHT_NAME,
     EXPORT_FORMATS,
     KOHYA_WEIGHT_NAME,
     load_training_state,
     save_training_state,
 )
-from reslora_diffusers.run_dir import (
+from reslora_diffusers.integrations.run_dir import (
     RunDirError,
     acquire_lock,
     check_ownership,
@@ -55,7 +55,7 @@ from reslora_diffusers.run_dir import (
     verify_checkpoint,
     write_run_record,
 )
-from reslora_diffusers.sd_run import (
+from reslora_diffusers.integrations.sd_run import (
     CALIBRATION_NAME,
     TARGET_MODULES,
     TEXT_ENCODER_STATE_DIR,
@@ -70,7 +70,7 @@ from reslora_diffusers.sd_run import (
     text_encoder_forward,
     unet_forward,
 )
-from reslora_diffusers.schedule import add_schedule_arguments
+from reslora_diffusers.integrations.cli import add_reslora_args, reslora_config_from_args
 
 
 DATASET_ALIASES = {
@@ -131,22 +131,10 @@ def parse_args(input_args=None):
                    help="skip: drop unreadable images and count them; error: check every image before training.")
     g.add_argument("--cache_dir", default=None)
 
-    g = p.add_argument_group("ResLoRA")
-    g.add_argument("--reslora_structure", default="is", help=f"One of {', '.join(STRUCTURES)} ('none' = plain LoRA).")
-    g.add_argument("--pre_num", type=int, default=1, help="Previous blocks used by bs/ms; -1 = all.")
-    g.add_argument("--rank", type=int, default=4)
-    g.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank (scale 1), as diffusers.")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--merge", default="ls",
-                   help=f"Merge for is/ms: {', '.join(MERGE_METHODS)} (bs is exact). ls fits on calibration inputs; "
-                   "bi/bw are the paper's.")
-    g.add_argument("--merge_window", type=int, default=50, help="Window of activation norms for the bi merge.")
+    g = add_reslora_args(p)  # --reslora_structure --pre_num --rank --lora_alpha --merge ... (shared with the examples)
     g.add_argument("--train_text_encoder", action="store_true",
                    help="Also put ResLoRA on the CLIP text encoder's attention (q/k/v/out_proj), with its own chains; "
                    "exported under text_encoder.")
-    g.add_argument("--calibration_batches", type=int, default=4,
-                   help="Fixed batches kept to fit the ls merge (half) and measure merge error (half, other images).")
-    add_schedule_arguments(g)  # --shortcut_decay, --merge_at
 
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default="reslora-model")
@@ -227,20 +215,14 @@ def fill_defaults(args):
     if args.dataset is None and args.dataset_name is None and args.train_data_dir is None:
         args.dataset = EMBEDDED_DATASET
     validate_flags(args)
-    if args.merge not in MERGE_METHODS:
-        raise TrainingError(f"Unknown --merge {args.merge!r}; choose one of {', '.join(MERGE_METHODS)}.")
     if args.dataset is not None and "/" not in args.dataset and args.dataset != EMBEDDED_DATASET \
             and args.dataset not in DATASET_ALIASES and not os.path.isdir(args.dataset):
         raise TrainingError(
             f"Unknown dataset alias {args.dataset!r}. Use one of {', '.join([EMBEDDED_DATASET, *DATASET_ALIASES])}, "
             "a hub dataset id (owner/name) or a local imagefolder with metadata.jsonl."
         )
-    try:  # validates structure, pre_num, rank, alpha, dropout
-        args.reslora_config = ResLoRAConfig(
-            structure=args.reslora_structure, pre_num=args.pre_num, r=args.rank, lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout, target_modules=list(TARGET_MODULES), merge_window=args.merge_window,
-            shortcut_decay=tuple(args.shortcut_decay) if args.shortcut_decay else None, merge_at=args.merge_at,
-        )
+    try:  # validates structure, pre_num, rank, alpha, dropout, shortcut_decay, merge_at
+        args.reslora_config = reslora_config_from_args(args, TARGET_MODULES)
     except ValueError as err:
         raise TrainingError(str(err)) from err
 
@@ -313,7 +295,7 @@ def load_raw_dataset(args):
         check_metadata(folder)
         return datasets.load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=args.cache_dir)
     if args.dataset == EMBEDDED_DATASET and args.dataset_name is None:
-        from reslora_diffusers.pokemon_style import make_pokemon_style_dataset
+        from reslora_diffusers.demo.pokemon_style import make_pokemon_style_dataset
 
         return make_pokemon_style_dataset(num_samples=args.pokemon_style_size, seed=args.seed, resolution=args.resolution)
     name = args.dataset_name or DATASET_ALIASES.get(args.dataset, args.dataset)
@@ -484,7 +466,7 @@ def load_components(args):
 
     path = args.pretrained_model_name_or_path
     if path is None:
-        from reslora_diffusers.tiny_sd2 import TINY_BASE_PATH
+        from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
 
         path = TINY_BASE_PATH
         if not os.path.isdir(path):
@@ -622,7 +604,7 @@ class Sampler:
     def draw_grid(self):
         from PIL import Image
 
-        from reslora_diffusers.grids import make_grid
+        from reslora_diffusers.demo.grids import make_grid
 
         columns = sorted(self.samples_dir.glob("step-*"))
         labels = [f"step {int(s.name.split('-')[1])}" for s in columns]

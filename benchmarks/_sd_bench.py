@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reslora_diffusers import ResLoRAConfig, inject_reslora, merge_reslora, merged_view  # noqa: E402
-from reslora_diffusers.merging import merge_error  # noqa: E402
-from reslora_diffusers.pokemon_style import pokemon_style_sample  # noqa: E402
-from reslora_diffusers.sd_run import TARGET_MODULES, step_dir_name, unet_forward  # noqa: E402
-from reslora_diffusers.style_score import style_scores  # noqa: E402
+from reslora_diffusers.core.merging import merge_error  # noqa: E402
+from reslora_diffusers.demo.pokemon_style import pokemon_style_sample  # noqa: E402
+from reslora_diffusers.integrations.sd_run import TARGET_MODULES, step_dir_name, unet_forward  # noqa: E402
+from reslora_diffusers.demo.style_score import style_scores  # noqa: E402
 
 SAMPLE_PROMPTS = [  # the training script's default sample prompts
     "a green cartoon creature with big eyes and a long tail",
@@ -100,7 +100,7 @@ class BenchContext:
     def __init__(self, num_train: int = 833, num_held_out: int = 64, threads: int = 1):
         from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
-        from reslora_diffusers.tiny_sd2 import load_tiny_base
+        from reslora_diffusers.demo.tiny_sd2 import load_tiny_base
 
         torch.set_num_threads(threads)
         pipe = load_tiny_base(torch.float32)
@@ -338,7 +338,7 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
         if schedule is not None:
             final["shortcut_scale"] = schedule.controller.shortcut_scale
         if arm.structure is not None and run_dir is not None:
-            from reslora_diffusers.export import save_training_state
+            from reslora_diffusers.core.export import save_training_state
 
             save_training_state(unet, str(run_dir), extra={"arm": arm.key, "lr": lr, "seed": seed, "steps": steps})
     return {"arm": arm.key, "lr": lr, "seed": seed, "steps": steps, "curve": curve, "final": final}

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sd_bench as bench  # noqa: E402
 from reslora_diffusers import merge_reslora, merged_view  # noqa: E402
-from reslora_diffusers.export import STATE_CONFIG_NAME, load_training_state, read_training_state_config  # noqa: E402
-from reslora_diffusers.sd_run import unet_forward  # noqa: E402
+from reslora_diffusers.core.export import STATE_CONFIG_NAME, load_training_state, read_training_state_config  # noqa: E402
+from reslora_diffusers.integrations.sd_run import unet_forward  # noqa: E402
 
 METHODS = ("no", "bi", "bw", "ls")
 

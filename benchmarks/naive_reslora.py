@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from reslora_diffusers import module_kind
+from reslora_diffusers.core.model import module_kind
 
 
 class _Node:

@@ -59,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive_reslora import NaiveResLoRA  # noqa: E402
 
-from reslora_diffusers import ResLoRAConfig, ShortcutSchedule, get_controller, inject_reslora, remove_reslora  # noqa: E402
+from reslora_diffusers import ResLoRAConfig, ShortcutSchedule, inject_reslora, remove_reslora  # noqa: E402
+from reslora_diffusers.core.model import get_controller  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -97,7 +98,7 @@ def build_model(name: str, seed: int):
 
     torch.manual_seed(seed)
     if name == "tiny":
-        from reslora_diffusers.tiny_sd2 import TINY_CROSS_ATTENTION_DIM, build_tiny_unet
+        from reslora_diffusers.demo.tiny_sd2 import TINY_CROSS_ATTENTION_DIM, build_tiny_unet
 
         return build_tiny_unet(seed=seed), TINY_CROSS_ATTENTION_DIM
     if name == "sd2":

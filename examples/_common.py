@@ -29,10 +29,10 @@ from reslora_diffusers import (  # noqa: E402
     STRUCTURES,
     ResLoRAConfig,
     ShortcutSchedule,
-    get_controller,
     merge_reslora,
 )
-from reslora_diffusers.distributed import (  # noqa: E402,F401
+from reslora_diffusers.core.model import get_controller  # noqa: E402
+from reslora_diffusers.integrations.distributed import (  # noqa: E402,F401
     UnsupportedDistributedMode,
     check_deepspeed_config,
     check_distributed_mode,
@@ -40,7 +40,7 @@ from reslora_diffusers.distributed import (  # noqa: E402,F401
     process_group_kwargs,
     release_ddp_reducer,
 )
-from reslora_diffusers.schedule import add_schedule_arguments  # noqa: E402
+from reslora_diffusers.integrations.cli import add_reslora_args as _shared_reslora_args  # noqa: E402
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_reslora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -57,7 +57,8 @@ def add_reslora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                             "'ls' least squares on calibration batches, 'no' drop the shortcuts. 'bs' is exact.")
     group.add_argument("--num_calibration_batches", type=int, default=4,
                        help="Training batches used to fit the 'ls' merge and to measure every merge's error.")
-    add_schedule_arguments(group)  # --shortcut_decay, --merge_at
+    group.add_argument("--shortcut_decay", type=float, nargs=2, default=None)
+    group.add_argument("--merge_at", type=float, default=None)
     return parser
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from reslora_diffusers.grids import make_grid
+from reslora_diffusers.demo.grids import make_grid
 
 
 def run_steps(run: Path) -> dict[int, Path]:

@@ -1,28 +1,11 @@
-"""ResLoRA (arXiv 2402.18039) for the Hugging Face stack."""
+"""ResLoRA (arXiv 2402.18039) for the Hugging Face stack.
 
-from .config import MERGE_METHODS, STRUCTURES, ResLoRAConfig
-from .export import load_training_state, save_merged_lora, save_training_state
-from .merging import MergeResult, merge_error, merge_reslora, merge_shortcuts_in_place, merged_view
-from .model import calibration, get_controller, inject_reslora, module_kind, remove_reslora
-from .schedule import ShortcutSchedule, reset_optimizer_state
+- ``reslora_diffusers.core``: the method (torch, peft, safetensors). Its public API is re-exported here.
+- ``reslora_diffusers.integrations``: training glue: the shared CLI flags, accelerate/distributed checks,
+  Stable Diffusion training helpers and run folders, the transformers fine-tuning driver, the re-merge CLI.
+- ``reslora_diffusers.demo``: the embedded offline default: the tiny SD2-layout base and its assets, the
+  procedural datasets, the style score and the grids.
+"""
 
-__all__ = [
-    "MERGE_METHODS",
-    "MergeResult",
-    "load_training_state",
-    "merge_error",
-    "merge_reslora",
-    "merge_shortcuts_in_place",
-    "merged_view",
-    "save_merged_lora",
-    "save_training_state",
-    "STRUCTURES",
-    "ResLoRAConfig",
-    "ShortcutSchedule",
-    "reset_optimizer_state",
-    "calibration",
-    "get_controller",
-    "inject_reslora",
-    "module_kind",
-    "remove_reslora",
-]
+from .core import *  # noqa: F401,F403
+from .core import __all__  # noqa: F401

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pretrain the embedded offline tiny SD2-layout base on the CPU (deterministic for a given --threads).
 
-    python scripts/build_tiny_base.py --out reslora_diffusers/assets/tiny-sd2-base --seed 0 \
+    python scripts/build_tiny_base.py --out reslora_diffusers/demo/assets/tiny-sd2-base --seed 0 \
         --grid docs/tiny_base_samples.png --shape-grid docs/tiny_base_shapes_colours.png
 
 1. renders a procedural base domain with PIL (saturated shapes on muted plain/gradient
@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reslora_diffusers.grids import make_grid  # noqa: E402
-from reslora_diffusers.tiny_sd2 import (  # noqa: E402
+from reslora_diffusers.demo.grids import make_grid  # noqa: E402
+from reslora_diffusers.demo.tiny_sd2 import (  # noqa: E402
     BASE_COLORS,
     BASE_SHAPES,
     TINY_RESOLUTION,

@@ -50,7 +50,7 @@ def run_stock(code, timeout=300):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-TINY_BASE = str(ROOT / "reslora_diffusers" / "assets" / "tiny-sd2-base")
+TINY_BASE = str(ROOT / "reslora_diffusers" / "demo" / "assets" / "tiny-sd2-base")
 
 STOCK_UNET_OUTPUTS = textwrap.dedent("""
     import torch
@@ -129,7 +129,7 @@ def test_merge_cli_export_format_and_text_encoder(runs_tb, tmp_path):
     out = tmp_path / "kohya-only"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "reslora_diffusers.merge", str(runs_tb["is"]), "--merge", "ls", "--export_format",
+        [sys.executable, "-m", "reslora_diffusers.integrations.merge", str(runs_tb["is"]), "--merge", "ls", "--export_format",
          "kohya", "--output_dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -315,8 +315,9 @@ def test_chains_trace_on_sd15_and_sdxl_unets_and_exports_load_back(layout, tmp_p
     from diffusers import UNet2DConditionModel
     from tiny_models import UNET_TARGETS, randomize_lora
 
-    from reslora_diffusers import ResLoRAConfig, get_controller, inject_reslora, merge_reslora
-    from reslora_diffusers.export import save_pipeline_lora
+    from reslora_diffusers import ResLoRAConfig, inject_reslora, merge_reslora
+    from reslora_diffusers.core.model import get_controller
+    from reslora_diffusers.core.export import save_pipeline_lora
 
     config, weight_runs, input_runs = LAYOUTS[layout]
     blocks = transformer_blocks(config)
@@ -363,8 +364,8 @@ def test_chains_trace_on_sd15_and_sdxl_unets_and_exports_load_back(layout, tmp_p
 # ---------------------------------------------------------------------------------- text encoder
 def test_text_encoder_export_changes_it_and_a_stock_load_reproduces_the_merged_model(runs_tb, tmp_path):
     from reslora_diffusers import load_training_state, merged_view
-    from reslora_diffusers.sd_run import TEXT_ENCODER_STATE_DIR, load_text_calibration, merge_unet, text_encoder_forward
-    from reslora_diffusers.tiny_sd2 import load_tiny_base
+    from reslora_diffusers.integrations.sd_run import TEXT_ENCODER_STATE_DIR, load_text_calibration, merge_unet, text_encoder_forward
+    from reslora_diffusers.demo.tiny_sd2 import load_tiny_base
 
     run_dir = runs_tb["is"]
     text_batches = load_text_calibration(str(run_dir))

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from reslora_diffusers.tiny_sd2 import (  # noqa: E402
+from reslora_diffusers.demo.tiny_sd2 import (  # noqa: E402
     TINY_BASE_PATH,
     TINY_CROSS_ATTENTION_DIM,
     base_domain_images,
@@ -115,7 +115,7 @@ def test_tokenizer_is_deterministic_and_total():
 def test_pokemon_style_dataset_is_deterministic():
     from datasets import Image as ImageFeature
 
-    from reslora_diffusers.pokemon_style import make_pokemon_style_dataset
+    from reslora_diffusers.demo.pokemon_style import make_pokemon_style_dataset
 
     a = make_pokemon_style_dataset(num_samples=6, seed=0, resolution=64)
     b = make_pokemon_style_dataset(num_samples=6, seed=0, resolution=64)
@@ -132,7 +132,7 @@ def test_pokemon_style_dataset_is_deterministic():
 def test_save_as_imagefolder_roundtrip(tmp_path):
     import datasets
 
-    from reslora_diffusers.pokemon_style import make_pokemon_style_dataset, save_as_imagefolder
+    from reslora_diffusers.demo.pokemon_style import make_pokemon_style_dataset, save_as_imagefolder
 
     ds = make_pokemon_style_dataset(num_samples=4, seed=3, resolution=32)
     save_as_imagefolder(ds, tmp_path)
@@ -143,8 +143,8 @@ def test_save_as_imagefolder_roundtrip(tmp_path):
 
 
 def test_style_score_separates_domains():
-    from reslora_diffusers.pokemon_style import make_pokemon_style_dataset
-    from reslora_diffusers.style_score import style_score, style_scores
+    from reslora_diffusers.demo.pokemon_style import make_pokemon_style_dataset
+    from reslora_diffusers.demo.style_score import style_score, style_scores
 
     pokemon = [r["image"] for r in make_pokemon_style_dataset(num_samples=24, seed=0, resolution=64)]
     base_images, _ = base_domain_images(24, seed=0)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from reslora_diffusers import ResLoRAConfig, get_controller, inject_reslora
+from reslora_diffusers import ResLoRAConfig, inject_reslora
+from reslora_diffusers.core.model import get_controller
 
 DIMS = [(6, 6), (6, 6), (6, 6), (6, 9), (9, 9), (9, 9)]  # (in, out)
 NAMES = [str(2 * i) for i in range(len(DIMS))]

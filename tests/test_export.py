@@ -3,9 +3,9 @@
 import torch
 
 from reslora_diffusers import ResLoRAConfig, inject_reslora, merge_reslora, save_merged_lora
-from reslora_diffusers.merging import svd_compress
-from reslora_diffusers.sd_run import TARGET_MODULES
-from reslora_diffusers.tiny_sd2 import load_tiny_base
+from reslora_diffusers.core.merging import svd_compress
+from reslora_diffusers.integrations.sd_run import TARGET_MODULES
+from reslora_diffusers.demo.tiny_sd2 import load_tiny_base
 from tiny_models import CASES, randomize_lora, unet_batch
 
 

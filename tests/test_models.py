@@ -9,13 +9,13 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from reslora_diffusers import (
     ResLoRAConfig,
-    get_controller,
     inject_reslora,
     load_training_state,
     merge_reslora,
     merged_view,
     save_training_state,
 )
+from reslora_diffusers.core.model import get_controller
 from tiny_models import CASES, randomize_lora, unet_batch
 
 STRUCTURES = ["none", "is", "bs", "ms"]

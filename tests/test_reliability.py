@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 from test_train_script import QUICK, cli_error, make_imagefolder, run_script, train
 
-from reslora_diffusers import merge as merge_cli
-from reslora_diffusers.export import atomic_save_file, atomic_write_text
-from reslora_diffusers.run_dir import (
+from reslora_diffusers.integrations import merge as merge_cli
+from reslora_diffusers.core.export import atomic_save_file, atomic_write_text
+from reslora_diffusers.integrations.run_dir import (
     MANIFEST_NAME,
     RunDirError,
     acquire_lock,
@@ -28,7 +28,7 @@ from reslora_diffusers.run_dir import (
     verify_checkpoint,
     write_run_record,
 )
-from reslora_diffusers.sd_run import export_complete
+from reslora_diffusers.integrations.sd_run import export_complete
 
 # 12 examples in batches of 4: 3 updates per epoch, so step 4 is not at an epoch end
 RUN = [*QUICK, "--pokemon_style_size", "12"]

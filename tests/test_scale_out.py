@@ -134,7 +134,7 @@ def test_deepspeed_zero_equals_one_process_and_resumes(zero_stage, structure, tm
     checkpoint = ds / "checkpoint-2"
     assert checkpoint.is_dir() and not list(ds.glob(".checkpoint-*"))
     # the DeepSpeed part of the checkpoint holds the LoRA state, not the frozen UNet
-    base_bytes = sum(f.stat().st_size for f in (ROOT / "reslora_diffusers" / "assets" / "tiny-sd2-base" / "unet").glob("*"))
+    base_bytes = sum(f.stat().st_size for f in (ROOT / "reslora_diffusers" / "demo" / "assets" / "tiny-sd2-base" / "unet").glob("*"))
     module_files = list(checkpoint.rglob("*model_states.pt"))
     assert module_files and max(f.stat().st_size for f in module_files) < base_bytes / 4
     launch(2, [*run, "--resume_from_checkpoint", "latest"], deepspeed_config=config)
@@ -242,7 +242,7 @@ def _bi_model(structure):
 
 def _bi_record(structure, rank):
     """Unsynced windows after BI_FORWARDS training-mode forwards on rank ``rank``'s data."""
-    from reslora_diffusers import get_controller
+    from reslora_diffusers.core.model import get_controller
 
     model, case = _bi_model(structure)
     model.train()

@@ -14,7 +14,6 @@ import torch
 from reslora_diffusers import (
     ResLoRAConfig,
     ShortcutSchedule,
-    get_controller,
     load_training_state,
     merge_reslora,
     merge_shortcuts_in_place,
@@ -22,6 +21,7 @@ from reslora_diffusers import (
     reset_optimizer_state,
     save_training_state,
 )
+from reslora_diffusers.core.model import get_controller
 from test_equations import ALPHA, NAMES, R, make_model
 
 LAM = 0.37

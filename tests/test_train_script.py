@@ -40,7 +40,7 @@ def run_script(args, expect=0, timeout=600):
 
 
 def load_base_pipeline():
-    from reslora_diffusers.tiny_sd2 import load_tiny_base
+    from reslora_diffusers.demo.tiny_sd2 import load_tiny_base
 
     return load_tiny_base(torch.float32)
 
@@ -76,7 +76,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("structure", list(RUNS))
 def test_run_writes_samples_grid_export_and_report(runs, structure):
-    from reslora_diffusers.sd_run import load_calibration, unet_forward
+    from reslora_diffusers.integrations.sd_run import load_calibration, unet_forward
 
     run_dir = runs[structure]
     for step in (0, 2, 4):
@@ -120,7 +120,7 @@ def test_remerge_cli_rewrites_export_with_another_method(runs, tmp_path):
     out = tmp_path / "remerged"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "reslora_diffusers.merge", str(run_dir), "--merge", "ls", "--output_dir", str(out)],
+        [sys.executable, "-m", "reslora_diffusers.integrations.merge", str(run_dir), "--merge", "ls", "--output_dir", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -286,7 +286,7 @@ def test_corrupt_image_fails_clearly_or_is_skipped(tmp_path, capsys):
 
 def test_script_refuses_sharded_modes_before_training(monkeypatch, capsys):
     """The refusal itself is unit-tested in test_transformers_examples.py; here: the script calls it."""
-    from reslora_diffusers import distributed
+    from reslora_diffusers.integrations import distributed
 
     def refuse(accelerator):
         raise distributed.UnsupportedDistributedMode("FSDP is not supported. Supported modes: single process")

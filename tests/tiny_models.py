@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from reslora_diffusers.tiny_sd2 import TINY_CROSS_ATTENTION_DIM, build_tiny_unet
+from reslora_diffusers.demo.tiny_sd2 import TINY_CROSS_ATTENTION_DIM, build_tiny_unet
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .export import atomic_write_text, read_json
+from ..core.export import atomic_write_text, read_json
 
 RUN_RECORD_NAME = "reslora_run.json"
 LOCK_NAME = ".reslora.lock"

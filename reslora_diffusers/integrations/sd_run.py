@@ -1,5 +1,5 @@
 """What a Stable Diffusion ResLoRA run writes at its end, shared by the training script and
-``python -m reslora_diffusers.merge``: the merged plain LoRA, the merge report and the model card.
+``python -m reslora_diffusers.integrations.merge``: the merged plain LoRA, the merge report and the model card.
 
 A run keeps a fixed calibration set of UNet inputs (noisy latents, timesteps, text embeddings) in
 ``reslora_calibration.safetensors``: the first half fits the ``ls`` merge, the second half measures
@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .export import (
+from ..core.export import (
     DIFFUSERS_WEIGHT_NAME,
     KOHYA_WEIGHT_NAME,
     atomic_save_file,
@@ -25,8 +25,8 @@ from .export import (
     read_json,
     save_pipeline_lora,
 )
-from .merging import merge_error, merge_reslora
-from .model import get_controller
+from ..core.merging import merge_error, merge_reslora
+from ..core.model import get_controller
 from .run_dir import file_sha256
 
 CALIBRATION_NAME = "reslora_calibration.safetensors"
@@ -236,7 +236,7 @@ def model_card(output_dir: str, info: dict) -> str:
         "```",
         "",
         "`merge_report.json` lists each module's merge coefficients and the merge error. The unmerged training "
-        "state (`reslora_training_state.*`) can be re-merged with `python -m reslora_diffusers.merge DIR --merge ls`.",
+        "state (`reslora_training_state.*`) can be re-merged with `python -m reslora_diffusers.integrations.merge DIR --merge ls`.",
         "",
     ]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ are multiplied by lambda, and ``bs`` scales its earlier B's. At lambda = 0 every
 Both contain the ``bi``/``bw`` choices (``M = a I``), so per layer the fit is never worse; with B of
 full column rank the minimiser is the same for the error measured after B.
 
-Re-merge a saved training run with ``python -m reslora_diffusers.merge OUTPUT_DIR --merge ls``.
+Re-merge a saved training run with ``python -m reslora_diffusers.integrations.merge OUTPUT_DIR --merge ls``.
 """
 
 from __future__ import annotations

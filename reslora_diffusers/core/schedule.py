@@ -26,16 +26,6 @@ from .merging import merge_shortcuts_in_place
 from .model import get_controller
 
 
-def add_schedule_arguments(group) -> None:
-    """``--shortcut_decay START END`` and ``--merge_at F`` on an argparse parser or group (script and examples)."""
-    group.add_argument("--shortcut_decay", type=float, nargs=2, default=None, metavar=("START", "END"),
-                       help="Anneal the shortcuts: their weight is 1 until fraction START of training, falls (cosine) "
-                            "to 0 at END and stays 0, so the export is exact plain LoRA. E.g. 0.3 0.8.")
-    group.add_argument("--merge_at", type=float, default=None, metavar="F",
-                       help="is/ms: at fraction F of training merge the shortcuts in place (--merge method) and train "
-                            "on as plain LoRA, so the export is exact. Not with DeepSpeed.")
-
-
 def reset_optimizer_state(optimizer, params) -> int:
     """Forget ``optimizer``'s per-parameter state (e.g. AdamW moments) of ``params``; returns how many."""
     inner = optimizer

@@ -1,6 +1,6 @@
 """Re-merge a finished (or checkpointed) training run with another merge method, without training.
 
-    python -m reslora_diffusers.merge OUTPUT_DIR --merge ls
+    python -m reslora_diffusers.integrations.merge OUTPUT_DIR --merge ls
 
 Reads the unmerged training state and the calibration set the run saved, loads the base UNet (and, for a
 ``--train_text_encoder`` run, the text encoder) it was trained on, and rewrites the LoRA file(s)
@@ -16,8 +16,8 @@ import os
 import re
 import sys
 
-from .config import MERGE_METHODS
-from .export import EXPORT_FORMATS, STATE_CONFIG_NAME, load_training_state, read_training_state_config
+from ..core.config import MERGE_METHODS
+from ..core.export import EXPORT_FORMATS, STATE_CONFIG_NAME, load_training_state, read_training_state_config
 from .run_dir import MANIFEST_NAME
 from .sd_run import CALIBRATION_NAME, TEXT_ENCODER_STATE_DIR, export_run, load_calibration, load_text_calibration
 
@@ -75,7 +75,7 @@ def remerge(args) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reslora_diffusers.merge", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reslora_diffusers.integrations.merge", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="A training output_dir (or a checkpoint-N folder inside it, with --output_dir).")
     parser.add_argument("--merge", choices=MERGE_METHODS, required=True, help="Merge method for is/ms.")
     parser.add_argument("--output_dir", default=None, help="Where to write the export (default: run_dir).")

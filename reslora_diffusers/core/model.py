@@ -196,7 +196,7 @@ class ResLoRAController:
             window /= world
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def reslora_root(model: nn.Module) -> nn.Module:
     """Strip DDP/compile/accelerate wrappers and PeftModel down to the module that carries ResLoRA."""
     seen = set()
     while id(model) not in seen:
@@ -220,7 +220,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def get_controller(model: nn.Module) -> ResLoRAController:
     """The ResLoRA controller of ``model`` (wrapped by DDP, Accelerate or PeftModel or not)."""
-    root = _unwrap(model)
+    root = reslora_root(model)
     controller = getattr(root, CONTROLLER_ATTR, None)
     if controller is None:
         raise ValueError("This model has no ResLoRA layers: call reslora_diffusers.inject_reslora(model, config) first.")
@@ -239,7 +239,7 @@ def inject_reslora(model: nn.Module, config: ResLoRAConfig, adapter_name: str = 
 
     if not isinstance(config, ResLoRAConfig):
         raise TypeError(f"config must be a ResLoRAConfig, got {type(config).__name__}.")
-    root = _unwrap(model)
+    root = reslora_root(model)
     if hasattr(root, CONTROLLER_ATTR):
         raise ValueError("This model already has ResLoRA injected.")
     was_training = root.training
@@ -280,7 +280,7 @@ def remove_reslora(model: nn.Module) -> nn.Module:
         v.module.lora_variant.pop(controller.adapter_name, None)
     controller._hook.remove()
     controller.cache.clear()
-    root = _unwrap(model)
+    root = reslora_root(model)
     object.__delattr__(root, CONTROLLER_ATTR)
     return model
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ResLoRAConfig
 from .merging import MergeResult
-from .model import _unwrap, get_controller, inject_reslora
+from .model import reslora_root, get_controller, inject_reslora
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"  # lora_unet_*/lora_te1_* keys: ComfyUI, A1111
@@ -160,7 +160,7 @@ def _modules_to_save_state(model) -> dict[str, torch.Tensor]:
 
     adapter = get_controller(model).adapter_name
     state = {}
-    for name, module in _unwrap(model).named_modules():
+    for name, module in reslora_root(model).named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             for key, value in module.modules_to_save[adapter].state_dict().items():
                 state[f"{name}.{key}"] = value
@@ -303,7 +303,7 @@ def load_training_state(model, save_directory: str):
             window = tensors.get(f"{name}.norm_window")
             v.norm_window = window.to(a.device) if window is not None else None
             v.norm_count = int(meta["norm_counts"].get(name, 0))
-        for name, module in _unwrap(model).named_modules():
+        for name, module in reslora_root(model).named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 target = module.modules_to_save[controller.adapter_name]
                 for key, value in target.state_dict().items():
