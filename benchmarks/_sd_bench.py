@@ -32,13 +32,12 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from reslora_diffusers import ResLoRAConfig, inject_reslora, merge_reslora, merged_view  # noqa: E402
-from reslora_diffusers.core.merging import merge_error  # noqa: E402
-from reslora_diffusers.demo.pokemon_style import pokemon_style_sample  # noqa: E402
-from reslora_diffusers.integrations.sd_run import TARGET_MODULES, step_dir_name, unet_forward  # noqa: E402
-from reslora_diffusers.demo.style_score import style_scores  # noqa: E402
+from reslora_diffusers import ResLoRAConfig, inject_reslora, merge_reslora, merged_view
+from reslora_diffusers.core.merging import merge_error
+from reslora_diffusers.demo.pokemon_style import pokemon_style_sample
+from reslora_diffusers.integrations.sd_run import TARGET_MODULES, step_dir_name, unet_forward
+from reslora_diffusers.demo.style_score import style_scores
 
 SAMPLE_PROMPTS = [  # the training script's default sample prompts
     "a green cartoon creature with big eyes and a long tail",

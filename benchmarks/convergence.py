@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Does the LoRA file that ResLoRA exports beat a tuned plain LoRA? Tiny SD2 base + pokemon-style.
 
-    python benchmarks/convergence.py            # full: 10 arms, bracketed LR tuning, 5 evaluation seeds
-    python benchmarks/convergence.py --quick    # 4 arms, 3 LRs, 1 tuning + 2 evaluation seeds (<= 10 min)
+    python -m benchmarks.convergence            # full: 10 arms, bracketed LR tuning, 5 evaluation seeds
+    python -m benchmarks.convergence --quick    # 4 arms, 3 LRs, 1 tuning + 2 evaluation seeds (<= 10 min)
 
 Arms (``--arms``): plain peft LoRA, ResLoRA ``is``, ``ms`` m=-1, ``bs`` m=-1, and ``is``/``ms`` m=-1 with
 shortcut annealing (``shortcut_decay`` windows 0.5-0.9 and 0.3-0.8) and with merge-and-continue
@@ -43,10 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _sd_bench as bench  # noqa: E402
-from _tuning import SQRT2, Metric, evaluation_triples, grid_step, paired_table, select_families, sweep_table, tune  # noqa: E402,E501
+from benchmarks import _sd_bench as bench
+from benchmarks._tuning import SQRT2, Metric, evaluation_triples, grid_step, paired_table, select_families, sweep_table, tune,E501
 
 FULL = dict(arms=["lora", "is", "ms-1", "bs-1", "is-d59", "is-d38", "ms-1-d59", "ms-1-d38", "is-m6", "ms-1-m6"],
             lrs=[1e-2 / SQRT2, 1e-2, 1e-2 * SQRT2, 2e-2], tune_seeds=[100, 101], eval_seeds=[0, 1, 2, 3, 4],

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """How much does merging a trained ResLoRA model into plain LoRA cost? Per merge method, on trained runs.
 
-    python benchmarks/convergence.py                 # trains the runs (or --quick)
-    python benchmarks/merge_fidelity.py              # reads benchmarks/results/sd_convergence
-    python benchmarks/merge_fidelity.py --runs DIR [DIR ...]   # any folders with a ResLoRA training state
+    python -m benchmarks.convergence                 # trains the runs (or --quick)
+    python -m benchmarks.merge_fidelity              # reads benchmarks/results/sd_convergence
+    python -m benchmarks.merge_fidelity --runs DIR [DIR ...]   # any folders with a ResLoRA training state
 
 For each run (default: the ``is``, ``ms`` m=-1 and ``bs`` m=-1 arms of the convergence benchmark at
 their tuned learning rate, every evaluation seed) it loads the unmerged training state into the tiny base and compares, for each merge
@@ -30,12 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _sd_bench as bench  # noqa: E402
-from reslora_diffusers import merge_reslora, merged_view  # noqa: E402
-from reslora_diffusers.core.export import STATE_CONFIG_NAME, load_training_state, read_training_state_config  # noqa: E402
-from reslora_diffusers.integrations.sd_run import unet_forward  # noqa: E402
+from benchmarks import _sd_bench as bench
+from reslora_diffusers import merge_reslora, merged_view
+from reslora_diffusers.core.export import STATE_CONFIG_NAME, load_training_state, read_training_state_config
+from reslora_diffusers.integrations.sd_run import unet_forward
 
 METHODS = ("no", "bi", "bw", "ls")
 

@@ -25,9 +25,9 @@ held either way). This is the memory a training step holds at its forward/backwa
 boundary beyond the weights. On CUDA, additionally ``torch.cuda.max_memory_allocated`` during one
 step minus the allocation before it. Both are measured in separate, untimed steps.
 
-    python benchmarks/step_overhead.py --model tiny
-    nohup python benchmarks/step_overhead.py --model sd2 > sd2.log 2>&1 &
-    python benchmarks/step_overhead.py --model tiny --quick     # smoke test, does not write docs
+    python -m benchmarks.step_overhead --model tiny
+    nohup python -m benchmarks.step_overhead --model sd2 > sd2.log 2>&1 &
+    python -m benchmarks.step_overhead --model tiny --quick     # smoke test, does not write docs
 """
 
 from __future__ import annotations
@@ -54,13 +54,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from naive_reslora import NaiveResLoRA  # noqa: E402
+from benchmarks.naive_reslora import NaiveResLoRA
 
-from reslora_diffusers import ResLoRAConfig, ShortcutSchedule, inject_reslora, remove_reslora  # noqa: E402
-from reslora_diffusers.core.model import get_controller  # noqa: E402
+from reslora_diffusers import ResLoRAConfig, ShortcutSchedule, inject_reslora, remove_reslora
+from reslora_diffusers.core.model import get_controller
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """LoRA vs ResLoRA on the offline transformers examples: RoBERTa accuracy and LLaMA exact match vs steps.
 
-    python benchmarks/transformers_convergence.py            # full: both tasks, 4 arms, 5 seeds (<= 25 min)
-    python benchmarks/transformers_convergence.py --quick    # both tasks, 4 arms, 2 seeds, 1 epoch (<= 5 min)
-    python benchmarks/transformers_convergence.py --task llama --seeds 0 1 2
-    python benchmarks/transformers_convergence.py --tuned    # LLaMA: does the exported adapter beat a tuned LoRA?
-    python benchmarks/transformers_convergence.py --tuned --quick
+    python -m benchmarks.transformers_convergence            # full: both tasks, 4 arms, 5 seeds (<= 25 min)
+    python -m benchmarks.transformers_convergence --quick    # both tasks, 4 arms, 2 seeds, 1 epoch (<= 5 min)
+    python -m benchmarks.transformers_convergence --task llama --seeds 0 1 2
+    python -m benchmarks.transformers_convergence --tuned    # LLaMA: does the exported adapter beat a tuned LoRA?
+    python -m benchmarks.transformers_convergence --tuned --quick
 
 ``--tuned`` runs the protocol of ``benchmarks/_tuning.py`` on the LLaMA example (rank 4, alpha 8, batch 32,
 linear schedule, ``--merge ls``): a bracketed factor-sqrt(2) learning-rate grid tuned on ``--tune_seeds``,
@@ -68,9 +68,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _tuning import SQRT2, Metric, evaluation_triples, paired_table, select_families, sweep_table, tune  # noqa: E402
+from benchmarks._tuning import SQRT2, Metric, evaluation_triples, paired_table, select_families, sweep_table, tune
 
 ARMS = {  # name -> example flags
     "LoRA": ["--structure", "none"],

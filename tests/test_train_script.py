@@ -15,9 +15,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train_text_to_image_reslora.py"
-sys.path.insert(0, str(ROOT))
-
-import train_text_to_image_reslora as train  # noqa: E402
+import train_text_to_image_reslora as train  # the repository root is on pytest's pythonpath
 
 ACCELERATE = [
     sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
