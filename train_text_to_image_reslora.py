@@ -23,13 +23,15 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from reslora_diffusers import ShortcutSchedule, inject_reslora, merged_view
+from reslora_diffusers import ShortcutSchedule, inject_reslora, load_training_state, merged_view, save_training_state
+from reslora_diffusers.core.export import DIFFUSERS_WEIGHT_NAME, EXPORT_FORMATS, KOHYA_WEIGHT_NAME
 from reslora_diffusers.core.model import get_controller
+from reslora_diffusers.integrations.cli import add_reslora_args, reslora_config_from_args
 from reslora_diffusers.integrations.distributed import (
     UnsupportedDistributedMode,
     check_training_setup,
@@ -37,13 +39,6 @@ from reslora_diffusers.integrations.distributed import (
     process_group_kwargs,
     release_ddp_reducer,
     save_state_kwargs,
-)
-from reslora_diffusers.core.export import (
-    DIFFUSERS_WEIGHT_NAME,
-    EXPORT_FORMATS,
-    KOHYA_WEIGHT_NAME,
-    load_training_state,
-    save_training_state,
 )
 from reslora_diffusers.integrations.run_dir import (
     RunDirError,
@@ -70,8 +65,22 @@ from reslora_diffusers.integrations.sd_run import (
     text_encoder_forward,
     unet_forward,
 )
-from reslora_diffusers.integrations.cli import add_reslora_args, reslora_config_from_args
-
+from reslora_diffusers.integrations.sd_training import (
+    INTERPOLATION_MODES,
+    EpochShuffleSampler,
+    ImageCaptionDataset,
+    TrainingError,
+    calibration_batches,
+    check_columns,
+    check_metadata,
+    collate,
+    diffusion_loss,
+    encode_batch,
+    encode_images,
+    step_generator,
+    undecoded,
+    validate_images,
+)
 
 DATASET_ALIASES = {
     "pokemon-blip-captions": "lambdalabs/pokemon-blip-captions",
@@ -100,13 +109,6 @@ OPERATIONAL_FLAGS = {
     "dataloader_num_workers", "cache_dir", "checkpointing_steps", "checkpoints_total_limit", "max_train_steps",
     "num_train_epochs", "reslora_config",
 }
-# --image_interpolation_mode: torchvision's InterpolationMode names (as upstream) -> PIL resampling filters
-INTERPOLATION_MODES = {"nearest": "NEAREST", "nearest_exact": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC",
-                       "box": "BOX", "hamming": "HAMMING", "lanczos": "LANCZOS"}
-
-
-class TrainingError(RuntimeError):
-    """A problem with the inputs, reported before any training (or a stop with a clear reason)."""
 
 
 # ----------------------------------------------------------------------------------------- args
@@ -267,25 +269,151 @@ def run_config(args):
     return {k: v for k, v in vars(args).items() if k not in OPERATIONAL_FLAGS}
 
 
+# ---------------------------------------------------------------------------------------- setup
+def resolve_report_to(value):
+    import importlib.util
+
+    if value is None:
+        return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    for name in (["tensorboard", "wandb"] if value == "all" else [value]):
+        if name != "none" and importlib.util.find_spec(name) is None:
+            raise TrainingError(f"--report_to {value}: {name} is not installed. pip install {name}, or pass --report_to none.")
+    return value
+
+
+def check_optional_features(args):
+    """Flags that need a package, a GPU or the hub fail here, before any model or data is loaded."""
+    import importlib.util
+
+    needs = {"--enable_xformers_memory_efficient_attention": (args.enable_xformers_memory_efficient_attention, "xformers"),
+             "--use_8bit_adam": (args.use_8bit_adam, "bitsandbytes")}
+    for flag, (wanted, package) in needs.items():
+        if not wanted:
+            continue
+        if importlib.util.find_spec(package) is None:
+            raise TrainingError(f"{flag} needs {package}, which is not installed: pip install {package}, or drop {flag}.")
+        if not torch.cuda.is_available():
+            raise TrainingError(f"{flag} needs a CUDA GPU ({package}); none is available. Drop {flag} on this machine.")
+    if args.push_to_hub:
+        if args.report_to == "wandb" and args.hub_token is not None:
+            raise TrainingError("--hub_token with --report_to wandb would expose the token in the run config; "
+                                "log in with `hf auth login` instead of passing --hub_token.")
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise TrainingError("--push_to_hub needs the Hugging Face hub, but HF_HUB_OFFLINE is set. Unset it, or "
+                                "drop --push_to_hub and upload the output_dir later (`hf upload`).")
+
+
+def create_hub_repo(args):
+    """Create (or reuse) the hub repository at start-up, so a missing network or login fails before training."""
+    from huggingface_hub import create_repo
+
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    try:
+        return create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+    except Exception as err:  # no network, no login, no permission
+        raise TrainingError(
+            f"--push_to_hub: could not create the hub repository {repo_id!r} ({type(err).__name__}: {str(err)[:200]}). "
+            "Check the network and `hf auth login` (or --hub_token), or drop --push_to_hub."
+        ) from err
+
+
+def make_accelerator(args, report_to):
+    """The Accelerator, after refusing the distributed modes and flag combinations ResLoRA cannot train."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, ProjectConfiguration
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        kwargs_handlers=process_group_kwargs(),  # gloo for DeepSpeed on a machine without CUDA
+    )
+    try:
+        # FSDP / ZeRO-3 shard what ResLoRA reads across layers; DeepSpeed must agree with the flags
+        mode = check_training_setup(accelerator, args.gradient_accumulation_steps, args.max_grad_norm)
+    except UnsupportedDistributedMode as err:
+        raise TrainingError(str(err)) from err
+    if args.merge_at is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise TrainingError(
+            "--merge_at resets the optimizer moments of the merged factors, which DeepSpeed keeps in its own "
+            "partitions. Use --shortcut_decay under DeepSpeed, or train with DDP."
+        )
+    if args.train_text_encoder and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise TrainingError("--train_text_encoder is not supported with DeepSpeed yet (one model per DeepSpeed engine "
+                            "here). Train it in a single process or with DDP, or drop --train_text_encoder.")
+    accelerator.print(f"Training mode: {mode}, {accelerator.num_processes} process(es), device {accelerator.device}")
+    return accelerator
+
+
+# --------------------------------------------------------------------------- run folder, checkpoints
+def resolve_checkpoint(args):
+    """(verified checkpoint folder, its step) to resume from, or (None, 0)."""
+    if not args.resume_from_checkpoint:
+        return None, 0
+    if args.resume_from_checkpoint == "latest":
+        path = latest_checkpoint(args.output_dir)
+        if path is None:
+            return None, 0
+    else:
+        path = Path(args.resume_from_checkpoint)
+    return path, verify_checkpoint(path)["step"]
+
+
+def check_run_folder(args, accelerator):
+    """The output dir is ours (or ours to resume): returns (checkpoint to resume from or None, its step)."""
+    check_ownership(args.output_dir, run_config(args), bool(args.resume_from_checkpoint), args.overwrite_output_dir,
+                    finished=export_complete(args.output_dir))
+    resume_path, resume_step = resolve_checkpoint(args)
+    if args.resume_from_checkpoint and resume_path is None:
+        accelerator.print(f"No checkpoint to resume from in {args.output_dir}; starting a new run.")
+    return resume_path, resume_step
+
+
+def claim_output_dir(args, resume_path, resume_step, calibration, text_calibration=None):
+    """The first writes: clear a replaced run (or a stale export), record this run's configuration and trajectory head,
+    save the calibration set."""
+    if args.overwrite_output_dir:
+        clear_run_outputs(args.output_dir)
+    elif resume_step < args.max_train_steps:  # training goes on: an export in the dir is not of this trajectory's end
+        remove_export(args.output_dir)
+    inside = resume_path is not None and resume_path.resolve().parent == Path(args.output_dir).resolve()
+    write_run_record(args.output_dir, run_config(args), resume_path.name if inside else None)
+    if resume_path is None or not os.path.exists(os.path.join(args.output_dir, CALIBRATION_NAME)):
+        save_calibration(calibration, args.output_dir, text_calibration)
+
+
+def checkpoint(accelerator, args, step):
+    return save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, **save_state_kwargs(accelerator))
+
+
+def register_state_hooks(accelerator, run_info):
+    """accelerate's save/load_state store only the ResLoRA state (not the frozen base), the text encoder's in a
+    subfolder."""
+    from transformers import PreTrainedModel
+
+    def state_dir(model, output_dir):
+        return os.path.join(output_dir, TEXT_ENCODER_STATE_DIR) if isinstance(model, PreTrainedModel) else output_dir
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                model = accelerator.unwrap_model(model)
+                save_training_state(model, state_dir(model, output_dir), extra=run_info)
+        while weights:
+            weights.pop()  # only the ResLoRA state, not the frozen base
+
+    def load_model_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            load_training_state(model, state_dir(model, input_dir))
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    return load_model_hook
+
+
 # ----------------------------------------------------------------------------------------- data
-def check_metadata(folder):
-    """Each line of an imagefolder's metadata.jsonl is a JSON object with a file_name."""
-    path = os.path.join(folder, "metadata.jsonl")
-    if not os.path.exists(path):
-        raise TrainingError(f"{folder} has no metadata.jsonl: an imagefolder needs one with file_name and captions.")
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise TrainingError(f"{path} line {number} is not valid JSON ({err}). Each line must be one JSON object "
-                                    "with file_name and a caption.") from None
-            if not isinstance(row, dict) or "file_name" not in row:
-                raise TrainingError(f"{path} line {number} is not a JSON object with a \"file_name\" key.")
-
-
 def load_raw_dataset(args):
     """A datasets.Dataset with image and caption columns, from an alias, the hub, a folder or the embedded set."""
     import datasets
@@ -309,154 +437,48 @@ def load_raw_dataset(args):
         ) from err
 
 
-def undecoded(dataset, column):
-    """Decode images ourselves (in ImageCaptionDataset) so an unreadable one is counted, not a crash."""
-    import datasets
-
-    if isinstance(dataset.features.get(column), datasets.Image):
-        return dataset.cast_column(column, datasets.Image(decode=False))
-    return dataset
-
-
-def check_columns(dataset, args):
-    columns = list(dataset.column_names)
-    for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
-        if column not in columns:
-            raise TrainingError(
-                f"{flag} {column!r} is not a column of the dataset. Its columns are: {', '.join(columns)}. "
-                f"Pass {flag} with one of them."
-            )
+def load_training_data(args):
+    """The dataset, checked: its columns, and every image with --on_bad_image error."""
+    raw = load_raw_dataset(args)
+    check_columns(raw, args.image_column, args.caption_column)
+    raw = undecoded(raw, args.image_column)
+    if args.max_train_samples is not None:
+        raw = raw.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(raw))))
+    if args.on_bad_image == "error":
+        validate_images(raw, args.image_column)
+    return raw
 
 
-def open_image(value):
-    """A decoded RGB PIL image from a datasets Image value (decoded or not); raises on unreadable data."""
-    import io
+@torch.no_grad()
+def build_calibration(args, dataset, vae, text_encoder, noise_scheduler, accelerator, weight_dtype):
+    """Fixed UNet inputs, and their token ids (the text encoder's calibration inputs).
 
-    from PIL import Image
+    The first half of the batches fits the ls merge, the second half measures merge error. The halves use
+    different images (fit: the first readable examples; held out: the next ones); in each half the timesteps
+    are stratified over the whole range (``calibration_batches``). Noise is fixed by the seed.
+    """
+    g = torch.Generator(device=accelerator.device).manual_seed(args.seed + 12345)
+    size = max(1, min(args.train_batch_size, 4))
+    readable = (e for e in (dataset[i] for i in range(len(dataset))) if "bad_index" not in e)
+    text_batches = []
 
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict):
-        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-    elif isinstance(value, (str, os.PathLike)):
-        image = Image.open(value)
-    else:
-        raise ValueError(f"not an image: {type(value).__name__}")
-    image.load()
-    return to_8bit(image).convert("RGB")
+    def encode(group):
+        batch = collate(group)
+        text_batches.append((batch["input_ids"],))
+        latents = encode_images(vae, batch["pixel_values"].to(accelerator.device, weight_dtype), g)
+        return latents, text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
 
-
-def to_8bit(image):
-    """Scale 16-bit (and 32-bit integer) images to 8 bits: PIL's convert() would clip them to white."""
-    from PIL import Image
-
-    if image.mode == "F":
-        raise ValueError("floating-point images (PIL mode F) are not supported; save the images with 8 or 16 bits")
-    if not image.mode.startswith("I"):
-        return image
-    array = np.asarray(image).astype(np.int64)
-    if array.min() < 0 or array.max() > 65535:
-        raise ValueError(f"{image.mode} image with values outside 0..65535 is not supported; save it with 8 or 16 bits")
-    return Image.fromarray(np.round(array / 257).astype(np.uint8), "L")
-
-
-def transform_image(image, resolution, center_crop, random_flip, rng, interpolation="bilinear"):
-    """Resize (shorter side), crop, maybe flip, to a [-1, 1] CHW tensor. PIL + numpy only."""
-    from PIL import Image
-
-    w, h = image.size
-    scale = resolution / min(w, h)
-    resample = getattr(Image.Resampling, INTERPOLATION_MODES[interpolation])
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), resample)
-    w, h = image.size
-    if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    else:
-        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Decodes, augments and tokenises one example; randomness depends only on (seed, epoch, index)."""
-
-    def __init__(self, hf_dataset, args, tokenizer):
-        self.data = hf_dataset
-        self.args = args
-        self.tokenizer = tokenizer
-        self.epoch = 0
-
-    def __len__(self):
-        return len(self.data)
-
-    def use_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __getitem__(self, index):
-        row = self.data[int(index)]
-        rng = np.random.default_rng([self.args.seed, self.epoch, int(index)])
-        try:
-            image = open_image(row[self.args.image_column])
-        except Exception:
-            return {"bad_index": int(index)}
-        caption = row[self.args.caption_column]
-        if isinstance(caption, (list, tuple, np.ndarray)):
-            caption = caption[int(rng.integers(0, len(caption)))]
-        if not isinstance(caption, str):
-            raise TrainingError(f"Caption of example {index} is a {type(caption).__name__}, not text.")
-        ids = self.tokenizer(
-            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
-        pixels = transform_image(image, self.args.resolution, self.args.center_crop, self.args.random_flip, rng,
-                                 self.args.image_interpolation_mode)
-        return {"pixel_values": pixels, "input_ids": ids}
-
-
-def collate(examples):
-    good = [e for e in examples if "bad_index" not in e]
-    batch = {"bad_indices": torch.tensor([e["bad_index"] for e in examples if "bad_index" in e], dtype=torch.long)}
-    if good:
-        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in good])
-        batch["input_ids"] = torch.stack([e["input_ids"] for e in good])
-    return batch
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order."""
-
-    def __init__(self, length, seed):
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def use_epoch(self, epoch):  # not set_epoch: accelerate would call that with its own counter
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.length
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=g).tolist())
-
-
-def validate_images(dataset, column):
-    """Decode every image once; fail listing the unreadable ones (--on_bad_image error)."""
-    from tqdm.auto import tqdm
-
-    bad = []
-    for i in tqdm(range(len(dataset)), desc="checking images"):
-        try:
-            open_image(dataset[i][column])
-        except Exception as err:
-            bad.append(f"#{i} ({type(err).__name__}: {str(err)[:80]})")
-    if bad:
+    batches = []
+    half = args.calibration_batches // 2  # as split_calibration splits them (one batch: no first half)
+    for num_batches in (half, args.calibration_batches - half):
+        examples = [e for _, e in zip(range(num_batches * size), readable)]
+        batches += calibration_batches(examples, encode, noise_scheduler, num_batches, g, accelerator.device)
+    if not batches:
         raise TrainingError(
-            f"{len(bad)} unreadable image(s) in column {column!r}: {'; '.join(bad[:10])}. "
-            "Fix or remove them, or pass --on_bad_image skip to train without them."
+            f"No image of the dataset could be read ({len(dataset)} example(s), column {args.image_column!r}). Check the "
+            "image files, or pass --image_column with the column that holds the images."
         )
+    return batches, text_batches
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -513,23 +535,137 @@ def refuse_sdxl(path, revision):
         )
 
 
-# ------------------------------------------------------------------------------------- sampling
-class Sampler:
-    """Generates the fixed prompts x seeds with the training UNet (no pipeline copy, no CPU autocast)."""
+@dataclasses.dataclass
+class Models:
+    """The pipeline's parts on the device; ``trained`` are the ones with ResLoRA (the UNet, and the text encoder
+    with --train_text_encoder). After ``accelerator.prepare`` the trained ones are the prepared (wrapped) modules."""
 
-    def __init__(self, args, accelerator, tokenizer, text_encoder, vae, unet, scheduler, calibration, text_calibration):
+    path: str
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    weight_dtype: torch.dtype
+    text_encoder_trained: bool = False
+
+    @property
+    def trained(self):
+        return [self.unet, self.text_encoder] if self.text_encoder_trained else [self.unet]
+
+
+def load_models(args, accelerator):
+    """Load the pipeline, freeze it, move it to the device in the weight dtype and inject ResLoRA."""
+    from diffusers.training_utils import cast_training_params
+
+    path, tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (vae, text_encoder, unet):
+        module.requires_grad_(False)
+        module.to(accelerator.device, dtype=weight_dtype)
+    models = Models(path, tokenizer, text_encoder, vae, unet, noise_scheduler, weight_dtype, args.train_text_encoder)
+    inject_reslora(unet, args.reslora_config)
+    if args.train_text_encoder:
+        inject_reslora(text_encoder, dataclasses.replace(args.reslora_config, target_modules=TEXT_ENCODER_TARGET_MODULES))
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        cast_training_params(models.trained, dtype=torch.float32)  # LoRA weights (and merge statistics) stay fp32
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # diffusers' default is non-reentrant: exact for is/ms
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return models
+
+
+# ------------------------------------------------------------------------------------- optimizer
+@dataclasses.dataclass
+class Optimization:
+    """What ``accelerator.prepare`` returns for the loop, and the epoch bookkeeping."""
+
+    dataset: ImageCaptionDataset
+    sampler: EpochShuffleSampler
+    dataloader: object
+    optimizer: object
+    lr_scheduler: object
+    params: list
+    updates_per_epoch: int
+    num_epochs: int
+
+
+def prepare_training(args, accelerator, models, raw):
+    """The dataloader, optimizer and LR schedule, prepared by accelerate; fills --max_train_steps from the epochs."""
+    from diffusers.optimization import get_scheduler
+
+    dataset = ImageCaptionDataset(raw, args, models.tokenizer)
+    sampler = EpochShuffleSampler(len(dataset), args.seed)
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
+        num_workers=args.dataloader_num_workers, drop_last=False,
+    )
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for model in models.trained for p in model.parameters() if p.requires_grad]
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*models.trained, optimizer, dataloader, lr_scheduler)
+    models.unet = trained[0]
+    if args.train_text_encoder:
+        models.text_encoder = trained[1]
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    return Optimization(dataset, sampler, dataloader, optimizer, lr_scheduler, params, updates_per_epoch, num_epochs)
+
+
+def make_schedules(args, accelerator, models, optimizer, calibration, text_calibration):
+    """One ShortcutSchedule per trained model: lambda for each step, and merge_at's in-place merge (on every rank,
+    on the same fit half)."""
+    schedules = [ShortcutSchedule(accelerator.unwrap_model(models.unet), args.max_train_steps, optimizer, args.merge,
+                                  split_calibration(calibration)[0], unet_forward)]
+    if args.train_text_encoder:
+        schedules.append(ShortcutSchedule(accelerator.unwrap_model(models.text_encoder), args.max_train_steps, optimizer,
+                                          args.merge, split_calibration(text_calibration)[0], text_encoder_forward))
+    return schedules
+
+
+# ------------------------------------------------------------------------------------- sampling
+def sample_prompts(args):
+    prompts = list(args.sample_prompts or DEFAULT_SAMPLE_PROMPTS)
+    return [args.validation_prompt, *prompts] if args.validation_prompt else prompts
+
+
+class Snapshots:
+    """Samples of the fixed prompts x seeds during training, from the training UNet (no pipeline copy, no CPU
+    autocast), through the merged view; each snapshot redraws the progress grid."""
+
+    def __init__(self, args, accelerator, models, calibration, text_calibration):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         self.args, self.accelerator = args, accelerator
         self.calibration, self.text_calibration = calibration, text_calibration
         self.prompts = sample_prompts(args)
         self.seeds = list(range(args.num_validation_images))
-        self.unet = unet
-        self.text_encoder = accelerator.unwrap_model(text_encoder)
+        self.unet = models.unet
+        self.text_encoder = accelerator.unwrap_model(models.text_encoder)
         self.pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=self.text_encoder, tokenizer=tokenizer, unet=accelerator.unwrap_model(unet),
-            scheduler=DDIMScheduler.from_config(scheduler.config), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
+            vae=models.vae, text_encoder=self.text_encoder, tokenizer=models.tokenizer,
+            unet=accelerator.unwrap_model(models.unet), scheduler=DDIMScheduler.from_config(models.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         self.pipe.set_progress_bar_config(disable=True)
         self.samples_dir = Path(args.output_dir) / "samples"
@@ -635,7 +771,7 @@ def log_images(accelerator, images, step):
             tracker.log({tag: [wandb.Image(im) for im in ims] for tag, ims in images.items()}, step=step)
 
 
-def sample_from_export(args, sampler_obj, model_path, export_dir, weight_dtype, step):
+def sample_from_export(args, snapshots, model_path, export_dir, weight_dtype, step):
     """Reload the export with stock diffusers into a fresh pipeline and sample the fixed prompts and seeds."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -648,295 +784,206 @@ def sample_from_export(args, sampler_obj, model_path, export_dir, weight_dtype, 
         pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
     weight_name = KOHYA_WEIGHT_NAME if args.export_format == "kohya" else DIFFUSERS_WEIGHT_NAME
     pipe.load_lora_weights(export_dir, weight_name=weight_name)
-    sampler_obj.export_snapshot(pipe.to(sampler_obj.accelerator.device), step)
+    snapshots.export_snapshot(pipe.to(snapshots.accelerator.device), step)
 
 
-# ----------------------------------------------------------------------------------------- main
-def main(args):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
-    from transformers import PreTrainedModel
+# ----------------------------------------------------------------------------------------- loop
+class StopRequest:
+    """Ctrl-C / SIGTERM while training: the first asks for a checkpoint after the current step, a second stops now."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.signal = None  # the signal received by this process
+        self.stopping = False  # some process received one: every rank checkpoints and leaves
+        self._previous = {}
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        self.accelerator.print(f"\nReceived signal {signum}: saving a checkpoint after this step, then exiting.")
+
+    def requested(self):
+        """True on every rank if any rank was asked to stop (a collective under DDP)."""
+        flag = torch.tensor(1.0 if self.signal is not None else 0.0, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "max")
+        self.stopping = bool(flag > 0)
+        return self.stopping
+
+    @property
+    def exit_code(self):
+        return 128 + int(self.signal or signal.SIGTERM)
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Where the loop is: optimizer steps done, the newest checkpoint, unreadable images seen."""
+
+    global_step: int
+    last_checkpoint: Optional[Path] = None
+    bad_images: set = dataclasses.field(default_factory=set)
+
+
+def all_finite(params):
+    """One device tensor: every parameter is finite (no host sync until it is read)."""
+    return torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()
+
+
+def sync_merge_statistics(accelerator, models):
+    """Average the 'bi' windows over processes (a collective: every rank calls it)."""
+    if accelerator.num_processes > 1:
+        for model in models:
+            get_controller(model).sync_statistics()
+
+
+def snapshot_all_ranks(accelerator, models, snapshots, step):
+    sync_merge_statistics(accelerator, models.trained)  # on every rank, before the main process merges
+    if snapshots is not None:
+        snapshots.snapshot(step)
+
+
+def micro_step(args, accelerator, models, opt, batch, global_step, micro):
+    """Forward, backward and (at the end of an accumulation) the optimizer step of one micro-batch."""
+    with accelerator.accumulate(*models.trained):
+        gen = step_generator(args.seed, global_step, micro * accelerator.num_processes + accelerator.process_index,
+                             accelerator.device)
+        latents, hidden = encode_batch(models.vae, models.text_encoder, batch, models.weight_dtype, gen,
+                                       args.train_text_encoder)
+        loss = diffusion_loss(models.unet, models.noise_scheduler, latents, hidden, gen, args.snr_gamma,
+                              args.noise_offset)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            accelerator.clip_grad_norm_(opt.params, args.max_grad_norm)
+        opt.optimizer.step()
+        opt.lr_scheduler.step()
+        opt.optimizer.zero_grad()
+    return loss.detach()
+
+
+def after_optimizer_step(args, accelerator, models, opt, schedules, snapshots, state, step_loss, progress, run_info):
+    """Check the step, advance lambda, log, checkpoint and snapshot on their cadences."""
+    if not (torch.isfinite(step_loss) & all_finite(opt.params)):  # after the step: the weights it made
+        raise TrainingError(
+            f"Non-finite loss ({step_loss.item()}) or LoRA weights at step {state.global_step + 1}; stopping "
+            f"without saving it and without an export. Last good checkpoint: {state.last_checkpoint or 'none'}. "
+            "Lower --learning_rate, set --max_grad_norm, or use --mixed_precision bf16/no instead of fp16."
+        )
+    state.global_step += 1
+    lam = [schedule.update(state.global_step) for schedule in schedules][0]  # the state after this step
+    run_info["steps"] = state.global_step
+    progress.update(1)
+    logs = {"loss": step_loss.item(), "lr": opt.lr_scheduler.get_last_lr()[0]}
+    if args.shortcut_decay or args.merge_at:
+        logs["shortcut_scale"] = lam
+    progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+    accelerator.log(logs, step=state.global_step)
+    if state.global_step % args.checkpointing_steps == 0:
+        state.last_checkpoint = checkpoint(accelerator, args, state.global_step)
+    if state.global_step % args.sample_steps == 0:
+        snapshot_all_ranks(accelerator, models, snapshots, state.global_step)
+
+
+def train_epoch(args, accelerator, models, opt, schedules, snapshots, state, stop, loader, progress, run_info):
+    """One pass over ``loader``; leaves early at --max_train_steps or on a stop request (``stop.stopping``)."""
+    micro = 0
+    accumulated = torch.zeros((), device=accelerator.device)
+    for batch in loader:
+        state.bad_images.update(batch["bad_indices"].tolist())
+        if "pixel_values" not in batch:
+            continue
+        accumulated += micro_step(args, accelerator, models, opt, batch, state.global_step, micro) \
+            / args.gradient_accumulation_steps
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        micro = 0
+        step_loss = accelerator.reduce(accumulated, "mean")
+        accumulated = torch.zeros((), device=accelerator.device)
+        after_optimizer_step(args, accelerator, models, opt, schedules, snapshots, state, step_loss, progress, run_info)
+        if args.simulate_interrupt_at_step == state.global_step:
+            stop.signal = signal.SIGTERM
+        if stop.requested() or state.global_step >= args.max_train_steps:
+            return
+
+
+def train(args, accelerator, models, opt, schedules, snapshots, state, resume_skip, run_info):
+    """The epochs from the resumed step to --max_train_steps. Returns the process exit code (0: trained to the end)."""
     from tqdm.auto import tqdm
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    report_to = resolve_report_to(args.report_to)
-    check_optional_features(args)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if report_to == "none" else report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-        kwargs_handlers=process_group_kwargs(),  # gloo for DeepSpeed on a machine without CUDA
-    )
-    try:
-        # FSDP / ZeRO-3 shard what ResLoRA reads across layers; DeepSpeed must agree with the flags
-        mode = check_training_setup(accelerator, args.gradient_accumulation_steps, args.max_grad_norm)
-    except UnsupportedDistributedMode as err:
-        raise TrainingError(str(err)) from err
-    if args.merge_at is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise TrainingError(
-            "--merge_at resets the optimizer moments of the merged factors, which DeepSpeed keeps in its own "
-            "partitions. Use --shortcut_decay under DeepSpeed, or train with DDP."
-        )
-    if args.train_text_encoder and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise TrainingError("--train_text_encoder is not supported with DeepSpeed yet (one model per DeepSpeed engine "
-                            "here). Train it in a single process or with DDP, or drop --train_text_encoder.")
-    accelerator.print(f"Training mode: {mode}, {accelerator.num_processes} process(es), device {accelerator.device}")
-    hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
-    set_seed(args.seed)
-
-    # --- the output dir is ours, and everything that can be wrong with the inputs is checked before any write
-    lock = acquire_lock(args.output_dir) if accelerator.is_main_process else None  # noqa: F841 (held until exit)
-    check_ownership(args.output_dir, run_config(args), bool(args.resume_from_checkpoint), args.overwrite_output_dir,
-                    finished=export_complete(args.output_dir))
-    resume_path, resume_step = resolve_checkpoint(args)
-    if args.resume_from_checkpoint and resume_path is None:
-        accelerator.print(f"No checkpoint to resume from in {args.output_dir}; starting a new run.")
-    raw = load_raw_dataset(args)
-    check_columns(raw, args)
-    raw = undecoded(raw, args.image_column)
-    if args.max_train_samples is not None:
-        raw = raw.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(raw))))
-    if args.on_bad_image == "error":
-        validate_images(raw, args.image_column)
-    model_path, tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args)
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in (vae, text_encoder, unet):
-        module.requires_grad_(False)
-    unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    inject_reslora(unet, args.reslora_config)
-    trained = [unet]
-    if args.train_text_encoder:
-        inject_reslora(text_encoder, dataclasses.replace(args.reslora_config, target_modules=TEXT_ENCODER_TARGET_MODULES))
-        trained.append(text_encoder)
-    if accelerator.mixed_precision in ("fp16", "bf16"):
-        cast_training_params(trained, dtype=torch.float32)  # LoRA weights (and merge statistics) stay fp32
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()  # diffusers' default is non-reentrant: exact for is/ms
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    dataset_name = args.dataset_name or args.train_data_dir or args.dataset
-    prompts = sample_prompts(args)
-    card = {"base_model": model_path, "dataset": dataset_name, "structure": args.reslora_structure, "pre_num": args.pre_num,
-            "rank": args.rank, "lora_alpha": args.lora_alpha, "resolution": args.resolution,
-            "learning_rate": args.learning_rate, "seed": args.seed, "example_prompt": prompts[0],
-            "shortcut_decay": args.shortcut_decay, "merge_at": args.merge_at}
-    run_info = {"pretrained_model_name_or_path": model_path, "revision": args.revision, "dataset": dataset_name,
-                "card": card, "steps": resume_step}
-
-    def state_dir(model, output_dir):  # the text encoder's state (a transformers model) goes to a subfolder
-        return os.path.join(output_dir, TEXT_ENCODER_STATE_DIR) if isinstance(model, PreTrainedModel) else output_dir
-
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in models:
-                model = accelerator.unwrap_model(model)
-                save_training_state(model, state_dir(model, output_dir), extra=run_info)
-        while weights:
-            weights.pop()  # only the ResLoRA state, not the frozen base
-
-    def load_model_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            load_training_state(model, state_dir(model, input_dir))
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    train_dataset = ImageCaptionDataset(raw, args, tokenizer)
-    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
-    dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
-        num_workers=args.dataloader_num_workers, drop_last=False,
-    )
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    params = [p for model in trained for p in model.parameters() if p.requires_grad]
-    if args.use_8bit_adam:
-        import bitsandbytes
-
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
-    *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
-    unet, text_encoder = trained[0], (trained[1] if args.train_text_encoder else text_encoder)
-    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
-    if resume_step >= args.max_train_steps and export_complete(args.output_dir):
-        accelerator.print(f"{args.output_dir} is trained to step {resume_step} (--max_train_steps {args.max_train_steps}) "
-                          "and exported; nothing to do.")
-        return finish(accelerator, trained, 0)
-
-    # --- fixed calibration set (ls merge and merge error), from the first examples and fixed noise
-    calibration, text_calibration = build_calibration(args, train_dataset, vae, text_encoder, noise_scheduler, accelerator,
-                                                      weight_dtype)
-    if accelerator.is_main_process:  # every input is checked: from here on the run writes to its output dir
-        claim_output_dir(args, resume_path, resume_step, calibration, text_calibration)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and report_to != "none":
-        accelerator.init_trackers("reslora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-
-    global_step, first_epoch, resume_skip = 0, 0, 0
-    if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path), **load_state_kwargs(accelerator))
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its engine restores the weights, and
-            load_model_hook(list(trained), str(resume_path))  # skips our hook: the merge statistics come from here
-        global_step = resume_step
-        first_epoch = global_step // updates_per_epoch
-        resume_skip = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
-
-    # lambda for each step, and merge_at's in-place merge (on every rank, on the same fit half), per trained model
-    schedules = [ShortcutSchedule(accelerator.unwrap_model(unet), args.max_train_steps, optimizer, args.merge,
-                                  split_calibration(calibration)[0], unet_forward)]
-    if args.train_text_encoder:
-        schedules.append(ShortcutSchedule(accelerator.unwrap_model(text_encoder), args.max_train_steps, optimizer,
-                                          args.merge, split_calibration(text_calibration)[0], text_encoder_forward))
-    lam = [schedule.update(global_step) for schedule in schedules][0]
-    sampler_obj = Sampler(args, accelerator, tokenizer, text_encoder, vae, unet, noise_scheduler, calibration,
-                          text_calibration) if accelerator.is_main_process else None
-    if sampler_obj is not None and global_step == 0:
-        sampler_obj.snapshot(0)
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-        accelerator.print(f"\nReceived signal {signum}: saving a checkpoint after this step, then exiting.")
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    bad_images = set()
-    last_checkpoint = None
-    exit_code = 0
-    unet.train()
-    text_encoder.train(args.train_text_encoder)
-    start = time.time()
-    try:
-        # a resume at or past --max_train_steps trains nothing
-        for epoch in range(first_epoch, num_epochs) if global_step < args.max_train_steps else ():
-            sampler.use_epoch(epoch)
-            train_dataset.use_epoch(epoch)
-            loader = dataloader
-            if epoch == first_epoch and resume_skip:
-                loader = accelerator.skip_first_batches(dataloader, resume_skip)
-            micro = 0
-            accumulated = torch.zeros((), device=accelerator.device)
-            for batch in loader:
-                bad_images.update(batch["bad_indices"].tolist())
-                if "pixel_values" not in batch:
-                    continue
-                with accelerator.accumulate(*trained):
-                    gen = step_generator(args.seed, global_step, micro, accelerator)
-                    loss = diffusion_loss(args, batch, vae, text_encoder, unet, noise_scheduler, weight_dtype, gen, compute_snr)
-                    accumulated += loss.detach() / args.gradient_accumulation_steps
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-                micro = 0
-                step_loss = accelerator.reduce(accumulated, "mean")
-                accumulated = torch.zeros((), device=accelerator.device)
-                if not (torch.isfinite(step_loss) & all_finite(params)):  # after the step: the weights it made
-                    raise TrainingError(
-                        f"Non-finite loss ({step_loss.item()}) or LoRA weights at step {global_step + 1}; stopping "
-                        f"without saving it and without an export. Last good checkpoint: {last_checkpoint or 'none'}. "
-                        "Lower --learning_rate, set --max_grad_norm, or use --mixed_precision bf16/no instead of fp16."
-                    )
-                global_step += 1
-                lam = [schedule.update(global_step) for schedule in schedules][0]  # the state after this step
-                run_info["steps"] = global_step
-                progress.update(1)
-                logs = {"loss": step_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-                if args.shortcut_decay or args.merge_at:
-                    logs["shortcut_scale"] = lam
-                progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
-                accelerator.log(logs, step=global_step)
-                if global_step % args.checkpointing_steps == 0:
-                    last_checkpoint = checkpoint(accelerator, args, global_step)
-                if global_step % args.sample_steps == 0:
-                    sync_merge_statistics(accelerator, trained)  # on every rank, before the main process merges
-                    if sampler_obj is not None:
-                        sampler_obj.snapshot(global_step)
-                if args.simulate_interrupt_at_step == global_step:
-                    stop["signal"] = signal.SIGTERM
-                if stop_requested(stop, accelerator):
-                    if last_checkpoint is None or last_checkpoint.name != f"checkpoint-{global_step}":
-                        last_checkpoint = checkpoint(accelerator, args, global_step)
-                    accelerator.print(f"Stopped at step {global_step}; resume with --resume_from_checkpoint latest.")
-                    exit_code = 128 + int(stop["signal"] or signal.SIGTERM)
-                    return exit_code
-                if global_step >= args.max_train_steps:
+    first_epoch = state.global_step // opt.updates_per_epoch
+    progress = tqdm(range(args.max_train_steps), initial=state.global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    models.unet.train()
+    models.text_encoder.train(args.train_text_encoder)
+    with StopRequest(accelerator) as stop:
+        try:
+            # a resume at or past --max_train_steps trains nothing
+            for epoch in range(first_epoch, opt.num_epochs) if state.global_step < args.max_train_steps else ():
+                opt.sampler.use_epoch(epoch)
+                opt.dataset.use_epoch(epoch)
+                skip = resume_skip if epoch == first_epoch else 0
+                loader = accelerator.skip_first_batches(opt.dataloader, skip) if skip else opt.dataloader
+                train_epoch(args, accelerator, models, opt, schedules, snapshots, state, stop, loader,
+                                       progress, run_info)
+                if stop.stopping:
+                    if state.last_checkpoint is None or state.last_checkpoint.name != f"checkpoint-{state.global_step}":
+                        state.last_checkpoint = checkpoint(accelerator, args, state.global_step)
+                    accelerator.print(f"Stopped at step {state.global_step}; resume with --resume_from_checkpoint latest.")
+                    return stop.exit_code
+                if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 \
+                        and state.global_step % args.sample_steps:
+                    snapshot_all_ranks(accelerator, models, snapshots, state.global_step)
+                if state.global_step >= args.max_train_steps:
                     break
-            if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and global_step % args.sample_steps:
-                sync_merge_statistics(accelerator, trained)
-                if sampler_obj is not None:
-                    sampler_obj.snapshot(global_step)
-            if global_step >= args.max_train_steps:
-                break
-    except (TrainingError, RunDirError) as err:
-        accelerator.print(f"ERROR: {err}")
-        return 1
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        progress.close()
-        if bad_images:
-            accelerator.print(f"Skipped {len(bad_images)} unreadable image(s) (--on_bad_image skip): {sorted(bad_images)[:20]}")
+        except (TrainingError, RunDirError) as err:
+            accelerator.print(f"ERROR: {err}")
+            return 1
+        finally:
+            progress.close()
+            if state.bad_images:
+                accelerator.print(f"Skipped {len(state.bad_images)} unreadable image(s) (--on_bad_image skip): "
+                                  f"{sorted(state.bad_images)[:20]}")
+    return 0
 
-    elapsed = time.time() - start
-    sync_merge_statistics(accelerator, trained)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
-        if not (sampler_obj.samples_dir / step_dir_name(global_step)).is_dir():
-            sampler_obj.snapshot(global_step)
-        save_training_state(model, args.output_dir, extra=run_info)
-        model.eval()
-        trained_text_encoder = None
-        if args.train_text_encoder:
-            trained_text_encoder = accelerator.unwrap_model(text_encoder).eval()
-            save_training_state(trained_text_encoder, os.path.join(args.output_dir, TEXT_ENCODER_STATE_DIR), extra=run_info)
-        export_run(model, args.output_dir, args.merge, calibration, card=card, export_format=args.export_format,
-                   text_encoder=trained_text_encoder, text_batches=text_calibration,
-                   extra={"steps": global_step, "train_seconds": round(elapsed, 1), "skipped_images": len(bad_images),
-                          "merge_at_report": schedules[0].merge_report,
-                          **({"text_encoder_merge_at_report": schedules[1].merge_report} if args.train_text_encoder else {})})
-        sample_from_export(args, sampler_obj, model_path, args.output_dir, weight_dtype, global_step)
-        accelerator.print(f"Done: {global_step} steps in {elapsed:.0f}s. Merged LoRA in {args.output_dir}.")
-        if hub_repo_id is not None:
-            from huggingface_hub import upload_folder
 
-            upload_folder(repo_id=hub_repo_id, folder_path=args.output_dir, token=args.hub_token,
-                          commit_message="ResLoRA export", ignore_patterns=["checkpoint-*", ".*", args.logging_dir + "/*"])
-    return finish(accelerator, trained, exit_code)
+# --------------------------------------------------------------------------------------- export
+def export(args, accelerator, models, schedules, snapshots, state, calibration, text_calibration, card, run_info,
+           elapsed):
+    """Main process: last snapshot, training state, the merged export, samples from the exported file, hub upload."""
+    model = accelerator.unwrap_model(models.unet)
+    if not (snapshots.samples_dir / step_dir_name(state.global_step)).is_dir():
+        snapshots.snapshot(state.global_step)
+    save_training_state(model, args.output_dir, extra=run_info)
+    model.eval()
+    trained_text_encoder = None
+    if args.train_text_encoder:
+        trained_text_encoder = accelerator.unwrap_model(models.text_encoder).eval()
+        save_training_state(trained_text_encoder, os.path.join(args.output_dir, TEXT_ENCODER_STATE_DIR), extra=run_info)
+    reports = {"merge_at_report": schedules[0].merge_report}
+    if args.train_text_encoder:
+        reports["text_encoder_merge_at_report"] = schedules[1].merge_report
+    export_run(model, args.output_dir, args.merge, calibration, card=card, export_format=args.export_format,
+               text_encoder=trained_text_encoder, text_batches=text_calibration,
+               extra={"steps": state.global_step, "train_seconds": round(elapsed, 1),
+                      "skipped_images": len(state.bad_images), **reports})
+    sample_from_export(args, snapshots, models.path, args.output_dir, models.weight_dtype, state.global_step)
+    accelerator.print(f"Done: {state.global_step} steps in {elapsed:.0f}s. Merged LoRA in {args.output_dir}.")
+
+
+def upload(args, hub_repo_id):
+    from huggingface_hub import upload_folder
+
+    upload_folder(repo_id=hub_repo_id, folder_path=args.output_dir, token=args.hub_token,
+                  commit_message="ResLoRA export", ignore_patterns=["checkpoint-*", ".*", args.logging_dir + "/*"])
 
 
 def finish(accelerator, trained, exit_code):
@@ -947,186 +994,82 @@ def finish(accelerator, trained, exit_code):
     return exit_code
 
 
-def sync_merge_statistics(accelerator, models):
-    """Average the 'bi' windows over processes (a collective: every rank calls it)."""
-    if accelerator.num_processes > 1:
-        for model in models:
-            get_controller(model).sync_statistics()
+def run_card(args, model_path):
+    """The model card's facts, also stored with every training state."""
+    return {"base_model": model_path, "dataset": args.dataset_name or args.train_data_dir or args.dataset,
+            "structure": args.reslora_structure, "pre_num": args.pre_num, "rank": args.rank,
+            "lora_alpha": args.lora_alpha, "resolution": args.resolution, "learning_rate": args.learning_rate,
+            "seed": args.seed, "example_prompt": sample_prompts(args)[0], "shortcut_decay": args.shortcut_decay,
+            "merge_at": args.merge_at}
 
 
-def resolve_report_to(value):
-    import importlib.util
+def resume(args, accelerator, models, opt, resume_path, resume_step, load_model_hook):
+    """Restore a checkpoint; returns how many micro-batches of the first epoch to skip."""
+    from accelerate.utils import DistributedType
 
-    if value is None:
-        return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
-    for name in (["tensorboard", "wandb"] if value == "all" else [value]):
-        if name != "none" and importlib.util.find_spec(name) is None:
-            raise TrainingError(f"--report_to {value}: {name} is not installed. pip install {name}, or pass --report_to none.")
-    return value
-
-
-def check_optional_features(args):
-    """Flags that need a package, a GPU or the hub fail here, before any model or data is loaded."""
-    import importlib.util
-
-    needs = {"--enable_xformers_memory_efficient_attention": (args.enable_xformers_memory_efficient_attention, "xformers"),
-             "--use_8bit_adam": (args.use_8bit_adam, "bitsandbytes")}
-    for flag, (wanted, package) in needs.items():
-        if not wanted:
-            continue
-        if importlib.util.find_spec(package) is None:
-            raise TrainingError(f"{flag} needs {package}, which is not installed: pip install {package}, or drop {flag}.")
-        if not torch.cuda.is_available():
-            raise TrainingError(f"{flag} needs a CUDA GPU ({package}); none is available. Drop {flag} on this machine.")
-    if args.push_to_hub:
-        if args.report_to == "wandb" and args.hub_token is not None:
-            raise TrainingError("--hub_token with --report_to wandb would expose the token in the run config; "
-                                "log in with `hf auth login` instead of passing --hub_token.")
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-            raise TrainingError("--push_to_hub needs the Hugging Face hub, but HF_HUB_OFFLINE is set. Unset it, or "
-                                "drop --push_to_hub and upload the output_dir later (`hf upload`).")
+    accelerator.print(f"Resuming from {resume_path}")
+    accelerator.load_state(str(resume_path), **load_state_kwargs(accelerator))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its engine restores the weights, and
+        load_model_hook(list(models.trained), str(resume_path))  # skips our hook: the merge statistics come from here
+    return (resume_step % opt.updates_per_epoch) * args.gradient_accumulation_steps
 
 
-def create_hub_repo(args):
-    """Create (or reuse) the hub repository at start-up, so a missing network or login fails before training."""
-    from huggingface_hub import create_repo
+# ----------------------------------------------------------------------------------------- main
+def main(args):
+    from accelerate.utils import set_seed
 
-    repo_id = args.hub_model_id or Path(args.output_dir).name
-    try:
-        return create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
-    except Exception as err:  # no network, no login, no permission
-        raise TrainingError(
-            f"--push_to_hub: could not create the hub repository {repo_id!r} ({type(err).__name__}: {str(err)[:200]}). "
-            "Check the network and `hf auth login` (or --hub_token), or drop --push_to_hub."
-        ) from err
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    report_to = resolve_report_to(args.report_to)
+    check_optional_features(args)
+    accelerator = make_accelerator(args, report_to)
+    hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
+    set_seed(args.seed)
 
+    # everything that can be wrong with the inputs is checked before the first write to the output dir
+    lock = acquire_lock(args.output_dir) if accelerator.is_main_process else None  # noqa: F841 (held until exit)
+    resume_path, resume_step = check_run_folder(args, accelerator)
+    raw = load_training_data(args)
+    models = load_models(args, accelerator)
+    card = run_card(args, models.path)
+    run_info = {"pretrained_model_name_or_path": models.path, "revision": args.revision, "dataset": card["dataset"],
+                "card": card, "steps": resume_step}
+    load_model_hook = register_state_hooks(accelerator, run_info)
+    opt = prepare_training(args, accelerator, models, raw)
+    if resume_step >= args.max_train_steps and export_complete(args.output_dir):
+        accelerator.print(f"{args.output_dir} is trained to step {resume_step} (--max_train_steps {args.max_train_steps}) "
+                          "and exported; nothing to do.")
+        return finish(accelerator, models.trained, 0)
+    calibration, text_calibration = build_calibration(args, opt.dataset, models.vae, models.text_encoder,
+                                                      models.noise_scheduler, accelerator, models.weight_dtype)
 
-def resolve_checkpoint(args):
-    """(verified checkpoint folder, its step) to resume from, or (None, 0)."""
-    if not args.resume_from_checkpoint:
-        return None, 0
-    if args.resume_from_checkpoint == "latest":
-        path = latest_checkpoint(args.output_dir)
-        if path is None:
-            return None, 0
-    else:
-        path = Path(args.resume_from_checkpoint)
-    return path, verify_checkpoint(path)["step"]
+    # from here on the run writes to its output dir
+    if accelerator.is_main_process:
+        claim_output_dir(args, resume_path, resume_step, calibration, text_calibration)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and report_to != "none":
+        accelerator.init_trackers("reslora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    resume_skip = resume(args, accelerator, models, opt, resume_path, resume_step, load_model_hook) if resume_path else 0
+    state = LoopState(global_step=resume_step if resume_path else 0)
+    schedules = make_schedules(args, accelerator, models, opt.optimizer, calibration, text_calibration)
+    for schedule in schedules:
+        schedule.update(state.global_step)
+    snapshots = Snapshots(args, accelerator, models, calibration, text_calibration) if accelerator.is_main_process else None
+    if snapshots is not None and state.global_step == 0:
+        snapshots.snapshot(0)
 
-
-def claim_output_dir(args, resume_path, resume_step, calibration, text_calibration=None):
-    """The first writes: clear a replaced run (or a stale export), record this run's configuration and trajectory head,
-    save the calibration set."""
-    if args.overwrite_output_dir:
-        clear_run_outputs(args.output_dir)
-    elif resume_step < args.max_train_steps:  # training goes on: an export in the dir is not of this trajectory's end
-        remove_export(args.output_dir)
-    inside = resume_path is not None and resume_path.resolve().parent == Path(args.output_dir).resolve()
-    write_run_record(args.output_dir, run_config(args), resume_path.name if inside else None)
-    if resume_path is None or not os.path.exists(os.path.join(args.output_dir, CALIBRATION_NAME)):
-        save_calibration(calibration, args.output_dir, text_calibration)
-
-
-def checkpoint(accelerator, args, step):
-    return save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, **save_state_kwargs(accelerator))
-
-
-def all_finite(params):
-    """One device tensor: every parameter is finite (no host sync until it is read)."""
-    return torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()
-
-
-def sample_prompts(args):
-    prompts = list(args.sample_prompts or DEFAULT_SAMPLE_PROMPTS)
-    return [args.validation_prompt, *prompts] if args.validation_prompt else prompts
-
-
-def stop_requested(stop, accelerator):
-    flag = torch.tensor(1.0 if stop["signal"] is not None else 0.0, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, "max")
-    return bool(flag > 0)
-
-
-def step_generator(seed, step, micro, accelerator):
-    """Noise for a micro-batch depends only on (seed, step, its index in the global batch).
-
-    So a resumed run draws the same noise, and N processes draw what one process with N-fold gradient
-    accumulation draws for the same examples.
-    """
-    index = micro * accelerator.num_processes + accelerator.process_index
-    g = torch.Generator(device=accelerator.device)
-    g.manual_seed((seed * 1_000_003 + step) * 4096 + index)
-    return g
-
-
-def diffusion_loss(args, batch, vae, text_encoder, unet, noise_scheduler, weight_dtype, gen, compute_snr):
-    device = batch["pixel_values"].device
-    with torch.no_grad():
-        latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator=gen)
-        latents = latents * vae.config.scaling_factor
-    with torch.set_grad_enabled(args.train_text_encoder):
-        hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
-    noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
-    if args.noise_offset:
-        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=device, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise TrainingError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
-    pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
-    if args.snr_gamma is None:
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
-    weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3]) * weights
-    return loss.mean()
-
-
-@torch.no_grad()
-def build_calibration(args, dataset, vae, text_encoder, noise_scheduler, accelerator, weight_dtype):
-    """Fixed UNet inputs, and their token ids (the text encoder's calibration inputs).
-
-    The first half of the batches fits the ls merge, the second half measures merge error.
-
-    The halves use different images (fit: the first readable examples; held out: the next ones), and in
-    each half the timesteps are stratified over the whole range [0, num_train_timesteps), interleaved so
-    that every batch spans it. Noise is fixed by the seed.
-    """
-    g = torch.Generator(device=accelerator.device).manual_seed(args.seed + 12345)
-    size = max(1, min(args.train_batch_size, 4))
-    readable = (e for e in (dataset[i] for i in range(len(dataset))) if "bad_index" not in e)
-    halves = [args.calibration_batches // 2, args.calibration_batches - args.calibration_batches // 2]  # as split
-    steps = noise_scheduler.config.num_train_timesteps
-    batches, text_batches = [], []
-    for num_batches in halves:
-        examples = [e for _, e in zip(range(num_batches * size), readable)]
-        groups = [examples[i::num_batches] for i in range(num_batches)]  # batch b holds inputs b, b + n, ...
-        count = len(examples)
-        for b, group in enumerate(groups):
-            if not group:
-                continue
-            batch = collate(group)
-            pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
-            latents = vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
-            noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
-            strata = torch.arange(b, count, num_batches, dtype=torch.float64)  # this batch's inputs in the half
-            timesteps = ((strata + 0.5) * steps / count).long().clamp_(0, steps - 1).to(accelerator.device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            hidden = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
-            batches.append((noisy.float().cpu(), timesteps.cpu(), hidden.float().cpu()))
-            text_batches.append((batch["input_ids"],))
-    if not batches:
-        raise TrainingError(
-            f"No image of the dataset could be read ({len(dataset)} example(s), column {args.image_column!r}). Check the "
-            "image files, or pass --image_column with the column that holds the images."
-        )
-    return batches, text_batches
+    start = time.time()
+    exit_code = train(args, accelerator, models, opt, schedules, snapshots, state, resume_skip, run_info)
+    if exit_code:
+        return exit_code
+    elapsed = time.time() - start
+    sync_merge_statistics(accelerator, models.trained)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export(args, accelerator, models, schedules, snapshots, state, calibration, text_calibration, card, run_info,
+               elapsed)
+        if hub_repo_id is not None:
+            upload(args, hub_repo_id)
+    return finish(accelerator, models.trained, 0)
 
 
 def cli(argv=None):

@@ -7,7 +7,8 @@ order and the noise depend only on (seed, step), so every arm sees the same batc
 
 - held-out set: 64 images of ``pokemon-style`` with another seed, each with one fixed (noise,
   timestep); timesteps are spread evenly over [0, 1000). The held-out loss is the v-prediction MSE.
-- calibration set (for the ``ls`` merge): 4 batches of 4 training images with fixed noise.
+- calibration set (for the ``ls`` merge): 4 batches of 4 training images with fixed noise, timesteps
+  stratified over [0, 1000), built by the training script's ``calibration_batches``.
 - samples: the training script's three default prompts x seeds 0 and 1, 20 DDIM steps, guidance 4,
   through the merged view (what the exported LoRA gives); scored by ``style_score``.
 """
@@ -18,7 +19,6 @@ import contextlib
 import copy
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +33,11 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from reslora_diffusers import ResLoRAConfig, inject_reslora, merge_reslora, merged_view
-from reslora_diffusers.core.merging import merge_error
+from reslora_diffusers import ResLoRAConfig, inject_reslora, merge_error, merge_reslora, merged_view
 from reslora_diffusers.demo.pokemon_style import pokemon_style_sample
-from reslora_diffusers.integrations.sd_run import TARGET_MODULES, step_dir_name, unet_forward
 from reslora_diffusers.demo.style_score import style_scores
+from reslora_diffusers.integrations.sd_run import TARGET_MODULES, step_dir_name, unet_forward
+from reslora_diffusers.integrations.sd_training import calibration_batches, diffusion_loss
 
 SAMPLE_PROMPTS = [  # the training script's default sample prompts
     "a green cartoon creature with big eyes and a long tail",
@@ -127,14 +127,16 @@ class BenchContext:
         self.held_out = [(noisy[i:i + 32], timesteps[i:i + 32], hidden[i:i + 32]) for i in range(0, num_held_out, 32)]
         self.held_out_targets = [target[i:i + 32] for i in range(0, num_held_out, 32)]
 
+        # the ls merge's fit set, built by the training script's function: 4 batches of 4 training images
         g = torch.Generator().manual_seed(DATA_SEED + 12345)
-        self.calibration = []
-        for b in range(4):
-            idx = torch.arange(4 * b, 4 * b + 4)
-            lat = (self.lat_mean[idx] + self.lat_std[idx] * torch.randn(self.lat_mean[idx].shape, generator=g)) * self.scaling
-            noise = torch.randn(lat.shape, generator=g)
-            t = torch.randint(0, steps, (4,), generator=g)
-            self.calibration.append((self.noise_scheduler.add_noise(lat, noise, t), t, self.text[idx]))
+        self.calibration = calibration_batches(list(range(16)), lambda idx: self._latents(idx, g), self.noise_scheduler,
+                                               4, g)
+
+    def _latents(self, idx, generator):
+        """(scaled latents sampled from the posteriors of training images ``idx``, their text embeddings)."""
+        idx = torch.as_tensor(idx)
+        noise = torch.randn(self.lat_mean[idx].shape, generator=generator)
+        return (self.lat_mean[idx] + self.lat_std[idx] * noise) * self.scaling, self.text[idx]
 
     @torch.no_grad()
     def _encode(self, images):
@@ -174,18 +176,16 @@ class BenchContext:
         return unet
 
     def batch(self, seed: int, step: int, batch_size: int):
-        """Training inputs of ``step`` for ``seed``: epoch-wise permutations, fresh noise; same for every arm."""
+        """(latents, text embeddings, generator) of ``step`` for ``seed``: epoch-wise permutations, latents sampled
+        from the generator, which ``diffusion_loss`` then draws the noise and timesteps from; same for every arm."""
         n = len(self.lat_mean)
         per_epoch = n // batch_size
         epoch, k = divmod(step, per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(n)
         idx = torch.from_numpy(order[k * batch_size:(k + 1) * batch_size])
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        lat = (self.lat_mean[idx] + self.lat_std[idx] * torch.randn(self.lat_mean[idx].shape, generator=g)) * self.scaling
-        noise = torch.randn(lat.shape, generator=g)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
-        noisy = self.noise_scheduler.add_noise(lat, noise, t)
-        return (noisy, t, self.text[idx]), self.noise_scheduler.get_velocity(lat, noise, t)
+        latents, hidden = self._latents(idx, g)
+        return latents, hidden, g
 
     # -------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -258,7 +258,8 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
               merge: str = "ls", sample_inference_steps: int = 20, export_curve: bool = False) -> dict:
     """Train one arm; returns its curve (train/held-out loss, style) and final merged numbers.
 
-    AdamW (weight decay 1e-2), constant LR, gradient clipping at 1.0: the training script's defaults.
+    The training script's loss (``diffusion_loss``) and defaults: AdamW (weight decay 1e-2), constant LR, gradient
+    clipping at 1.0.
     The shipped ``ShortcutSchedule`` sets lambda for progress ``step / steps`` (``shortcut_decay``) before
     each step; a ``merge_at`` arm merges in place at that step and drops the AdamW moments of the merged A's.
     ``sample_every`` > 0 also samples (through the merged view) at step 0 and every ``sample_every`` steps.
@@ -309,10 +310,9 @@ def train_run(ctx: BenchContext, arm: Arm, lr: float, seed: int, steps: int, bat
     evaluate(0, None)
     for step in range(steps):
         set_progress(step)
-        inputs, target = ctx.batch(seed, step, batch_size)
+        latents, hidden, generator = ctx.batch(seed, step, batch_size)
         t0 = time.perf_counter()
-        pred = unet_forward(unet, inputs)
-        loss = F.mse_loss(pred, target)
+        loss = diffusion_loss(unet, ctx.noise_scheduler, latents, hidden, generator)  # the training script's loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

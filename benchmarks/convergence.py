@@ -44,7 +44,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import _sd_bench as bench
-from benchmarks._tuning import SQRT2, Metric, evaluation_triples, grid_step, paired_table, select_families, sweep_table, tune,E501
+from benchmarks._tuning import (SQRT2, Metric, evaluation_triples, grid_step, paired_table, select_families, sweep_table,
+                                tune)
+from reslora_diffusers import MERGE_METHODS
+from reslora_diffusers.integrations.cli import RESLORA_DEFAULTS
 
 FULL = dict(arms=["lora", "is", "ms-1", "bs-1", "is-d59", "is-d38", "ms-1-d59", "ms-1-d38", "is-m6", "ms-1-m6"],
             lrs=[1e-2 / SQRT2, 1e-2, 1e-2 * SQRT2, 2e-2], tune_seeds=[100, 101], eval_seeds=[0, 1, 2, 3, 4],
@@ -64,7 +67,8 @@ def _work(task: dict) -> dict:
     arm = bench.ARMS[task["arm"]]
     t0 = time.time()
     result = bench.train_run(_CTX, arm, task["lr"], task["seed"], task["steps"], batch_size=task["batch_size"],
-                             eval_every=task["eval_every"], rank=task["rank"], export_curve=task["export_curve"],
+                             eval_every=task["eval_every"], rank=task["rank"], merge=task["merge"],
+                             export_curve=task["export_curve"],
                              run_dir=Path(task["run_dir"]) if task.get("run_dir") else None)
     result["wall_seconds"] = time.time() - t0
     result["phase"] = task["phase"]
@@ -177,7 +181,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--eval_every", type=int, default=None)
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=RESLORA_DEFAULTS["rank"], help="LoRA rank (alpha = rank, as the script)")
+    ap.add_argument("--merge", default=RESLORA_DEFAULTS["merge"], choices=MERGE_METHODS,
+                    help="merge of the is/ms arms (as the training script's --merge)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel worker processes (one torch thread each)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/sd_convergence[_quick]")
@@ -204,7 +210,7 @@ def main(argv=None):
 
     def run(triples, phase="tune"):
         tasks = [dict(arm=a.key, lr=lr, seed=s, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
-                      eval_every=args.eval_every, export_curve=phase == "eval", phase=phase,
+                      merge=args.merge, eval_every=args.eval_every, export_curve=phase == "eval", phase=phase,
                       run_dir=str(out / "runs" / run_name(a.key, lr, s)) if phase == "eval" else None)
                  for a, lr, s in triples]
         results = run_tasks(tasks, args.jobs, args.threads, log)

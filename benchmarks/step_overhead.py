@@ -12,8 +12,8 @@ arm is attached and detached around its steps:
 A step is: zero_grad, forward, MSE loss against a fixed random target, backward, AdamW step on the
 LoRA parameters. Same model, batch and seed for every arm. After warm-up rounds, each timed round
 visits every arm once (the order rotates by one arm per round so that no arm always follows the
-same one); a visit attaches the arm, runs ``--warmup-per-visit`` untimed steps and
-``--steps-per-visit`` timed steps, then detaches. Reported per arm: the median step time, its ratio
+same one); a visit attaches the arm, runs ``--warmup_per_visit`` untimed steps and
+``--steps_per_visit`` timed steps, then detaches. Reported per arm: the median step time, its ratio
 to PEFT LoRA's median, and the median (and IQR) of the per-round paired ratios arm / PEFT LoRA,
 which is what cancels the load drift of a shared machine.
 
@@ -440,17 +440,17 @@ def main(argv=None):
                     "unless --out is given")
     ap.add_argument("--rounds", type=int, help="timed rounds (each visits every arm once)")
     ap.add_argument("--warmup", type=int, help="untimed warm-up rounds (>= 1; the first one measures memory)")
-    ap.add_argument("--steps-per-visit", type=int)
-    ap.add_argument("--warmup-per-visit", type=int)
-    ap.add_argument("--pre-nums", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--steps_per_visit", type=int)
+    ap.add_argument("--warmup_per_visit", type=int)
+    ap.add_argument("--pre_nums", type=int, nargs="+", default=[1, 4], help="the pre_num values of bs and ms")
     ap.add_argument("--lambdas", type=float, nargs="*", default=[],
                     help="also time every structure with this shortcut weight (the shortcut_decay window), e.g. 0.5")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--size", type=int, help="latent height = width")
     ap.add_argument("--rank", type=int)
-    ap.add_argument("--alpha", type=float)
+    ap.add_argument("--lora_alpha", dest="alpha", type=float)
     ap.add_argument("--naive", dest="naive", action="store_true", default=None, help="include the naive arms")
-    ap.add_argument("--no-naive", dest="naive", action="store_false")
+    ap.add_argument("--no_naive", dest="naive", action="store_false")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads on CPU (default 1: on a shared, loaded 2-core machine two threads "

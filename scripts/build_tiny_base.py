@@ -20,7 +20,6 @@ import argparse
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -34,10 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reslora_diffusers.demo.grids import make_grid  # noqa: E402
-from reslora_diffusers.demo.tiny_sd2 import (  # noqa: E402
+from reslora_diffusers.demo.grids import make_grid
+from reslora_diffusers.demo.tiny_sd2 import (
     BASE_COLORS,
     BASE_SHAPES,
     TINY_RESOLUTION,

@@ -30,10 +30,11 @@ def test_arms_share_init_and_data():
     a_lora = {n: p for n, p in lora.named_parameters() if "lora_A" in n}
     a_ms = dict(ms.named_parameters())
     assert a_lora and all(torch.equal(p, a_ms[n]) for n, p in a_lora.items())  # same LoRA init for a seed
-    (x1, t1, h1), v1 = ctx.batch(seed=3, step=5, batch_size=4)
-    (x2, t2, h2), v2 = ctx.batch(seed=3, step=5, batch_size=4)
-    (x3, _, _), _ = ctx.batch(seed=4, step=5, batch_size=4)
-    assert torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(v1, v2) and not torch.equal(x1, x3)
+    x1, h1, g1 = ctx.batch(seed=3, step=5, batch_size=4)
+    x2, h2, g2 = ctx.batch(seed=3, step=5, batch_size=4)
+    x3, _, _ = ctx.batch(seed=4, step=5, batch_size=4)
+    assert torch.equal(x1, x2) and torch.equal(h1, h2) and not torch.equal(x1, x3)
+    assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))  # the same noise follows
 
 
 def test_convergence_then_merge_fidelity(tmp_path):

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 from test_train_script import QUICK, ROOT, cli_error, run_script, train
 
+from reslora_diffusers.integrations import sd_training
+
 RANK = 4  # the script's default --rank, used by the runs below
 # SD2's transformer blocks in execution order (down, mid, up) and their runs of equal weight shape
 SD2_RUNS = (2, 2, 6, 3, 3)
@@ -227,7 +229,7 @@ def test_image_interpolation_mode_is_the_pil_filter():
     for mode, pil in (("lanczos", Image.Resampling.LANCZOS), ("nearest", Image.Resampling.NEAREST),
                       ("bicubic", Image.Resampling.BICUBIC)):
         args = train.parse_args(["--image_interpolation_mode", mode, "--resolution", "16", "--center_crop"])
-        got = train.transform_image(image, 16, True, False, rng, args.image_interpolation_mode)
+        got = sd_training.transform_image(image, 16, True, False, rng, args.image_interpolation_mode)
         expected = np.asarray(image.resize((16, 16), pil), dtype=np.float32) / 127.5 - 1.0
         np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), expected, atol=1e-6)
     assert train.parse_args([]).image_interpolation_mode == "bilinear"  # this script's default (upstream: lanczos)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from test_train_script import QUICK, cli_error, make_imagefolder, run_script, train
 
 from reslora_diffusers.integrations import merge as merge_cli
+from reslora_diffusers.integrations import sd_training
 from reslora_diffusers.core.export import atomic_save_file, atomic_write_text
 from reslora_diffusers.integrations.run_dir import (
     MANIFEST_NAME,
@@ -244,7 +245,7 @@ def test_16_bit_image_keeps_its_brightness(tmp_path):
 
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
     assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
-    pixels = np.asarray(train.open_image(str(tmp_path / "grey16.png")))
+    pixels = np.asarray(sd_training.open_image(str(tmp_path / "grey16.png")))
     assert pixels.shape == (8, 8, 3) and np.all(np.abs(pixels.astype(int) - 128) <= 1)
 
 

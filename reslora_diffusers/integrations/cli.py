@@ -30,13 +30,6 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def add_reslora_args(parser) -> argparse._ArgumentGroup:
     """Add the ResLoRA flags (a "ResLoRA" group) to ``parser``; returns the group."""
     d = RESLORA_DEFAULTS
@@ -48,18 +41,18 @@ def add_reslora_args(parser) -> argparse._ArgumentGroup:
                    help=argparse.SUPPRESS)
     g.add_argument("--pre_num", type=int, default=d["pre_num"],
                    help="m, the previous blocks a bs/ms block uses; -1 = all ('is' always uses 1).")
-    g.add_argument("--rank", type=_positive_int, default=d["rank"], help="LoRA rank r.")
+    g.add_argument("--rank", type=int, default=d["rank"], help="LoRA rank r.")
     g.add_argument("--lora_alpha", type=float, default=d["lora_alpha"],
                    help="LoRA alpha (scale alpha / r). Default: the rank (scale 1), as diffusers.")
     g.add_argument("--lora_dropout", type=float, default=d["lora_dropout"], help="Dropout on the LoRA input.")
     g.add_argument("--merge", default=d["merge"], metavar="{" + ",".join(MERGE_METHODS) + "}",
                    help="How is/ms are merged into plain LoRA: ls least squares on calibration batches (ours), "
                         "bi input norms / bw weight norms (the paper's), no drop the shortcuts. bs is exact.")
-    g.add_argument("--merge_window", type=_positive_int, default=d["merge_window"],
+    g.add_argument("--merge_window", type=int, default=d["merge_window"],
                    help="Window of recorded activation norms for the bi merge.")
-    g.add_argument("--calibration_batches", type=_positive_int, default=d["calibration_batches"],
+    g.add_argument("--calibration_batches", type=int, default=d["calibration_batches"],
                    help="Fixed training batches kept to fit the ls merge and to measure every merge's error.")
-    g.add_argument("--num_calibration_batches", dest="calibration_batches", type=_positive_int, action=_Deprecated,
+    g.add_argument("--num_calibration_batches", dest="calibration_batches", type=int, action=_Deprecated,
                    help=argparse.SUPPRESS)
     g.add_argument("--shortcut_decay", type=float, nargs=2, default=None, metavar=("START", "END"),
                    help="Anneal the shortcuts: their weight is 1 until fraction START of training, falls (cosine) "
@@ -74,6 +67,8 @@ def reslora_config_from_args(args, target_modules, modules_to_save: Optional[lis
     """The ``ResLoRAConfig`` of the parsed flags (raises ``ValueError`` naming a bad value)."""
     if args.merge not in MERGE_METHODS:
         raise ValueError(f"Unknown --merge {args.merge!r}; choose one of {', '.join(MERGE_METHODS)}.")
+    if args.calibration_batches < 1:
+        raise ValueError(f"--calibration_batches {args.calibration_batches} must be greater than 0.")
     alpha = float(args.rank) if args.lora_alpha is None else args.lora_alpha
     return ResLoRAConfig(
         structure=args.reslora_structure, pre_num=args.pre_num, r=args.rank, lora_alpha=alpha,
