@@ -13,16 +13,20 @@ anneal windows chosen there too, then the selected arms on fresh ``--seeds`` (de
 tuned LoRA and a per-seed LoRA oracle. The metric is the exact match of the *exported* plain-LoRA adapter
 (``accuracy_after_merge``, which the example checks equals a stock ``PeftModel.from_pretrained`` load).
 
-Each run is one call of an example's ``main(argv)`` in this process (``examples/train_roberta_glue_reslora.py``
-or ``examples/train_llama_reslora.py``, offline mode) with ``--eval_steps``, so the metric of the unmerged
-model is recorded every few optimizer steps (step 0 is the base before fine-tuning). Arms:
+Each run is one call in this process of the examples' offline mode as shipped in the package,
+``reslora_diffusers.demo.tiny_roberta_task.train(argv)`` or ``tiny_llama_task.train(argv)`` (the examples'
+flags, the offline task and the fine-tuning driver ``reslora_diffusers.integrations.transformers_finetune``),
+with ``--eval_steps``, so the metric of the unmerged model is recorded every few optimizer steps (step 0 is
+the base before fine-tuning). Arms:
 
-- ``LoRA``: ``--structure none``, the plain peft LoRA layer;
-- ``ResLoRA is`` / ``bs m=1`` / ``ms m=1``: ``--structure is|bs|ms --pre_num 1`` (the examples' default).
+- ``LoRA``: ``--reslora_structure none``, the plain peft LoRA layer;
+- ``ResLoRA is`` / ``bs m=1`` / ``ms m=1``: ``--reslora_structure is|bs|ms --pre_num 1`` (the default m).
 
-Everything else is the example's default (rank 4, alpha 8, learning rate 3e-3, batch 32, linear schedule,
-``query,value`` / ``q_proj,v_proj``, the example's default ``--merge``, i.e. ``bi``), and the same for every
-arm. A seed is the example's ``--seed``: it fixes the offline base (pretrained once per seed and cached under
+Every run passes ``--lora_alpha 8`` (the examples' default until the flags were unified; now alpha defaults
+to the rank) and, unless ``--merge`` says otherwise, ``--merge bi`` (likewise; now ``ls``), so the results
+stay comparable with the earlier ones. Everything else is the examples' default (rank 4, learning rate 3e-3,
+batch 32, linear schedule, ``query,value`` / ``q_proj,v_proj``), and the same for every arm. A seed is the
+example's ``--seed``: it fixes the offline base (pretrained once per seed and cached under
 ``<out>/bases`` or ``--bases``), the fine-tuning data, the LoRA initialisation and the data order, so within one
 seed all arms see the same base, data and order; across seeds all of these vary. Within a seed the arm order
 rotates with the seed index, so no arm always runs first on a machine whose load drifts.
@@ -46,7 +50,6 @@ import argparse
 import contextlib
 import csv
 import datetime
-import importlib
 import json
 import logging
 import math
@@ -65,25 +68,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))
-
 from benchmarks._tuning import SQRT2, Metric, evaluation_triples, paired_table, select_families, sweep_table, tune
+from reslora_diffusers.demo import tiny_llama_task, tiny_roberta_task
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ARMS = {  # name -> example flags
-    "LoRA": ["--structure", "none"],
-    "ResLoRA is": ["--structure", "is", "--pre_num", "1"],
-    "ResLoRA bs m=1": ["--structure", "bs", "--pre_num", "1"],
-    "ResLoRA ms m=1": ["--structure", "ms", "--pre_num", "1"],
+    "LoRA": ["--reslora_structure", "none"],
+    "ResLoRA is": ["--reslora_structure", "is", "--pre_num", "1"],
+    "ResLoRA bs m=1": ["--reslora_structure", "bs", "--pre_num", "1"],
+    "ResLoRA ms m=1": ["--reslora_structure", "ms", "--pre_num", "1"],
 }
+# the alpha of every run: the examples' default before the flags were unified (alpha = rank since)
+BENCH_ALPHA = ["--lora_alpha", "8"]
 ARM_ALIASES = {"lora": "LoRA", "none": "LoRA", "is": "ResLoRA is", "bs1": "ResLoRA bs m=1", "ms1": "ResLoRA ms m=1"}
 COLORS = {"LoRA": "#333333", "ResLoRA is": "#1f77b4", "ResLoRA bs m=1": "#d62728", "ResLoRA ms m=1": "#2ca02c"}
 
 TASKS = {
-    "roberta": dict(module="train_roberta_glue_reslora", metric="accuracy",
+    "roberta": dict(demo=tiny_roberta_task, metric="accuracy",
                     title="RoBERTa (offline tiny, more-C-than-D classification)"),
-    "llama": dict(module="train_llama_reslora", metric="exact match",
+    "llama": dict(demo=tiny_llama_task, metric="exact match",
                   title="LLaMA (offline tiny, word problems, greedy exact match)"),
 }
 # steps: optimizer steps (the examples' defaults: roberta 3 epochs x 63, llama 4 epochs x 63);
@@ -105,7 +109,7 @@ class TunedArm:
 
 
 def _tuned_arm(key, structure, pre_num, label, schedule=(), family=None):
-    flags = ("--structure", structure, "--pre_num", str(pre_num), *schedule)
+    flags = ("--reslora_structure", structure, "--pre_num", str(pre_num), *schedule)
     return TunedArm(key, flags, label, family or key)
 
 
@@ -190,23 +194,22 @@ def run_tuned(args) -> int:
 # ------------------------------------------------------------------------------------- running
 def run_one(task: str, arm: str, seed: int, plan: dict, out: Path, extra: list[str], bases: Path,
             flags_given: bool = False, slug: str = "") -> dict:
-    """One example run in process; its stdout goes to a log file. Returns the example's summary.
+    """One offline example run in process; its stdout goes to a log file. Returns the example's summary.
 
     ``extra`` follows the arm's flags (``ARMS[arm]``), or replaces them with ``flags_given``.
     """
-    module = importlib.import_module(TASKS[task]["module"])
     slug = slug or f"{task}-{arm.replace('ResLoRA ', '').replace(' ', '').replace('=', '')}-seed{seed}"
     run_dir = out / "runs" / slug
     base_dir = bases / f"{task}-seed{seed}-pretrain{plan['pretrain']}"
     argv = ["--offline", "--seed", str(seed), "--max_train_steps", str(plan["steps"]),
             "--eval_steps", str(plan["eval_steps"]), "--offline_pretrain_steps", str(plan["pretrain"]),
-            "--offline_base_dir", str(base_dir), "--output_dir", str(run_dir), "--no_progress_bar",
+            "--offline_base_dir", str(base_dir), "--output_dir", str(run_dir), "--no_progress_bar", *BENCH_ALPHA,
             *([] if flags_given else ARMS[arm]), *extra]
     (out / "logs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(out / "logs" / f"{slug}.log", "w") as log, contextlib.redirect_stdout(log):
         print("argv:", " ".join(argv), flush=True)
-        summary = module.main(argv)
+        summary = TASKS[task]["demo"].train(argv)
     summary["wall_seconds"] = time.perf_counter() - t0
     summary["argv"] = argv
     return summary
@@ -449,7 +452,7 @@ def main(argv=None):
                     help="arms to run, by short name (lora is bs1 ms1) or full name (default: all four)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run, every task (default per task)")
     ap.add_argument("--eval_steps", type=int, default=None, help="evaluate every N steps (default per task)")
-    ap.add_argument("--merge", default=None, help="the examples' --merge (default: the examples' default, bi)")
+    ap.add_argument("--merge", default="bi", help="the examples' --merge (default: bi, as in the earlier results)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     ap.add_argument("--plot_backend", choices=["auto", "matplotlib", "pil"], default="auto")
     ap.add_argument("--bases", type=Path, default=None,
@@ -488,7 +491,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if not (out / ".gitignore").exists():  # the weights of bases and runs and the raw logs stay out of git
         (out / ".gitignore").write_text("bases/\nruns/\nlogs/\n")
-    extra = ["--merge", args.merge] if args.merge else []
+    extra = ["--merge", args.merge]
     t_all = time.perf_counter()
     started = datetime.datetime.now().isoformat(timespec="seconds")
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -545,7 +548,7 @@ def main(argv=None):
 
     total = time.perf_counter() - t_all
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
-    command = shlex.join(["python", "benchmarks/transformers_convergence.py",
+    command = shlex.join(["python", "-m", "benchmarks.transformers_convergence",
                           *(argv if argv is not None else sys.argv[1:])])
     if args.from_json:  # report the run that produced the numbers
         command, started, total = earlier["command"], earlier["started"], earlier["seconds"]

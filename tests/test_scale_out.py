@@ -148,7 +148,7 @@ LLAMA_BASE = ["--offline", "--offline_pretrain_steps", "8", "--offline_hidden_si
 LLAMA_COMMON = [
     *LLAMA_BASE, "--offline_num_train", "64", "--offline_num_eval", "8", "--per_device_eval_batch_size", "8",
     "--max_new_tokens", "5", "--max_train_steps", "3", "--learning_rate", "5e-3", "--rank", "2", "--lora_alpha", "4",
-    "--num_calibration_batches", "2", "--lr_scheduler_type", "linear", "--num_warmup_steps", "2", "--no_progress_bar",
+    "--calibration_batches", "2", "--lr_scheduler_type", "linear", "--num_warmup_steps", "2", "--no_progress_bar",
     "--merge", "bi", "--num_threads", "1",
 ]
 
@@ -160,11 +160,12 @@ LLAMA_ADAPTER = "merged_adapter/adapter_model.safetensors"
 @pytest.fixture(scope="module")
 def llama_base(tmp_path_factory):
     """The tiny offline LLaMA base, pretrained once in this process and shared by every launch."""
-    sys.path.insert(0, str(LLAMA_SCRIPT.parent))
-    import train_llama_reslora
+    from examples import train_llama_reslora
+    from reslora_diffusers.demo.tiny_llama_task import build_offline_base
+    from reslora_diffusers.integrations.transformers_finetune import offline_recipe_kwargs
 
     base = tmp_path_factory.mktemp("llama-base") / "base"
-    train_llama_reslora.build_offline_base(train_llama_reslora.parse_args(LLAMA_BASE), str(base))
+    build_offline_base(str(base), **offline_recipe_kwargs(train_llama_reslora.parse_args(LLAMA_BASE)))
     return base
 
 
@@ -185,7 +186,7 @@ def test_llama_two_processes_equal_one_process_with_accumulation(structure, tmp_
     covers the ranks' statistics being averaged before the merge.
     """
     base_files = {p: p.stat().st_mtime_ns for p in llama_base.rglob("*")}
-    args = [*LLAMA_COMMON, "--structure", structure, "--pre_num", "2", "--offline_base_dir", str(llama_base),
+    args = [*LLAMA_COMMON, "--reslora_structure", structure, "--pre_num", "2", "--offline_base_dir", str(llama_base),
             "--per_device_train_batch_size", "4"]
     one, two = tmp_path / "one", tmp_path / "two"
     launch(1, [*args, "--gradient_accumulation_steps", "2", "--output_dir", str(one)], timeout=300, script=LLAMA_SCRIPT)
@@ -210,7 +211,7 @@ def test_llama_two_processes_equal_one_process_with_accumulation(structure, tmp_
 def test_llama_deepspeed_zero2_equals_one_process_with_accumulation(tmp_path, llama_base):
     """The paper's LLaMA setup (DeepSpeed ZeRO-2), on 2 CPU processes: same LoRA weights and 'bi' export
     as one process with accumulation 2, for 'is' (activations read across layers)."""
-    args = [*LLAMA_COMMON, "--structure", "is", "--pre_num", "2", "--offline_base_dir", str(llama_base),
+    args = [*LLAMA_COMMON, "--reslora_structure", "is", "--pre_num", "2", "--offline_base_dir", str(llama_base),
             "--per_device_train_batch_size", "4"]
     one, ds = tmp_path / "one", tmp_path / "ds"
     launch(1, [*args, "--gradient_accumulation_steps", "2", "--output_dir", str(one)], timeout=300, script=LLAMA_SCRIPT)

@@ -16,17 +16,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from peft import PeftModel
+
+from examples import train_llama_reslora, train_roberta_glue_reslora
+from reslora_diffusers import merged_view
+from reslora_diffusers.integrations import distributed
+from reslora_diffusers.integrations.transformers_finetune import parse_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import _common  # noqa: E402
-import train_llama_reslora  # noqa: E402
-import train_roberta_glue_reslora  # noqa: E402
-from peft import PeftModel  # noqa: E402
-
-from reslora_diffusers import merged_view  # noqa: E402
 
 STRUCTURES = ["none", "is", "bs", "ms"]
 SCHEDULES = {  # merge-aware training: the shortcuts are gone by the end, so the export is exact
@@ -40,13 +38,13 @@ TINY = {
         "--offline", "--offline_pretrain_steps", "8", "--offline_hidden_size", "32", "--offline_num_layers", "3",
         "--offline_num_train", "64", "--offline_num_eval", "32", "--per_device_train_batch_size", "16",
         "--per_device_eval_batch_size", "32", "--max_train_steps", "3", "--learning_rate", "5e-3",
-        "--num_calibration_batches", "2", "--no_progress_bar",
+        "--calibration_batches", "2", "--no_progress_bar",
     ],
     "llama": [
         "--offline", "--offline_pretrain_steps", "8", "--offline_hidden_size", "32", "--offline_num_layers", "3",
         "--offline_num_train", "64", "--offline_num_eval", "16", "--per_device_train_batch_size", "16",
         "--per_device_eval_batch_size", "16", "--max_train_steps", "3", "--learning_rate", "5e-3",
-        "--num_calibration_batches", "2", "--max_new_tokens", "5", "--no_progress_bar",
+        "--calibration_batches", "2", "--max_new_tokens", "5", "--no_progress_bar",
     ],
 }
 SCRIPTS = {"roberta": train_roberta_glue_reslora, "llama": train_llama_reslora}
@@ -70,7 +68,7 @@ def one_thread():
 def _run(name, structure, out_dir, base_dir, merge="bi"):
     """``structure`` is a structure, or one of SCHEDULES ("is-decay": structure is with its flags)."""
     plain = structure.split("-")[0]
-    argv = TINY[name] + ["--structure", plain, "--pre_num", "2" if plain == "ms" else "1", "--merge", merge,
+    argv = TINY[name] + ["--reslora_structure", plain, "--pre_num", "2" if plain == "ms" else "1", "--merge", merge,
                          "--output_dir", str(out_dir), "--offline_base_dir", base_dir, "--rank", "2", "--lora_alpha", "4",
                          *SCHEDULES.get(structure, [])]
     return SCRIPTS[name].main(argv, return_state=True)
@@ -138,7 +136,7 @@ def test_example_exports_a_plain_lora_that_stock_peft_reproduces(name, structure
 @pytest.mark.parametrize("name", ["roberta", "llama"])
 def test_eval_steps_records_metric_vs_step(name, tmp_path, base_dirs, one_thread):
     """--eval_steps 2 over 3 steps: step 0 (before fine-tuning), step 2, and the final step 3 (epoch end)."""
-    argv = TINY[name] + ["--structure", "is", "--eval_steps", "2", "--output_dir", str(tmp_path / "out"),
+    argv = TINY[name] + ["--reslora_structure", "is", "--eval_steps", "2", "--output_dir", str(tmp_path / "out"),
                          "--offline_base_dir", base_dirs[name], "--rank", "2", "--lora_alpha", "4"]
     summary = SCRIPTS[name].main(argv)
     history = summary["eval_history"]
@@ -154,16 +152,54 @@ def test_eval_steps_records_metric_vs_step(name, tmp_path, base_dirs, one_thread
 @pytest.mark.parametrize("name,script", [("roberta", "train_roberta_glue_reslora.py"), ("llama", "train_llama_reslora.py")])
 def test_command_line_prints_a_json_summary(name, script, tmp_path, base_dirs):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
-    argv = TINY[name] + ["--structure", "bs", "--output_dir", str(tmp_path / "out"),
+    argv = TINY[name] + ["--reslora_structure", "bs", "--output_dir", str(tmp_path / "out"),
                          "--offline_base_dir", base_dirs[name] + "-cli", "--num_threads", "1", "--max_train_steps", "2"]
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *argv], capture_output=True, text=True, env=env,
                           cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = _common.parse_summary(proc.stdout)
+    summary = parse_summary(proc.stdout)
     assert proc.stdout.strip().splitlines()[-1].startswith("{")
     assert summary["structure"] == "bs" and summary["steps"] == 2
     assert summary["max_abs_logit_diff_stock_vs_unmerged"] < 1e-5
     assert summary["accuracy_stock_peft"] == summary["accuracy_after_merge"] == summary["accuracy_before_merge"]
+
+
+# ------------------------------------------------------------------------------------ flags
+@pytest.mark.parametrize("name", ["roberta", "llama"])
+def test_examples_use_the_shared_reslora_defaults(name):
+    """No example overrides a ResLoRA default: structure is, m 1, rank 4, alpha = rank, merge ls, 4 batches."""
+    from reslora_diffusers.integrations.cli import RESLORA_DEFAULTS, reslora_config_from_args
+
+    args = SCRIPTS[name].parse_args([])
+    assert {k: getattr(args, k) for k in RESLORA_DEFAULTS} == RESLORA_DEFAULTS
+    config = reslora_config_from_args(args, args.target_modules)
+    assert (config.structure, config.pre_num, config.r, config.lora_alpha) == ("is", 1, 4, 4.0)
+
+
+@pytest.mark.parametrize("name", ["roberta", "llama"])
+def test_deprecated_flag_names_still_work_with_a_warning(name, capsys):
+    args = SCRIPTS[name].parse_args(["--structure", "ms", "--num_calibration_batches", "3"])
+    assert args.reslora_structure == "ms" and args.calibration_batches == 3
+    err = capsys.readouterr().err
+    assert "--structure is deprecated" in err and "use --reslora_structure" in err
+    assert "--num_calibration_batches is deprecated" in err and "use --calibration_batches" in err
+    assert args.output_dir == os.path.join("outputs", f"{name}-offline-ms")
+
+
+@pytest.mark.parametrize("name", ["roberta", "llama"])
+def test_demo_task_parses_like_the_example_in_offline_mode(name):
+    """The benchmarks train through ``tiny_*_task.train``: the example's flags and defaults, without the hub ones."""
+    from reslora_diffusers.demo import tiny_llama_task, tiny_roberta_task
+
+    demo = {"roberta": tiny_roberta_task, "llama": tiny_llama_task}[name]
+    example = vars(SCRIPTS[name].parse_args(["--output_dir", "x"]))
+    offline = vars(demo.parser().parse_args(["--output_dir", "x"]))
+    hub_only = {"roberta": {"task_name"}, "llama": {"dataset_name", "dataset_config_name"}}[name]
+    assert set(example) - set(offline) == hub_only
+    example["offline"] = offline["offline"] = True
+    if name == "llama":
+        offline["max_new_tokens"] = example["max_new_tokens"]  # resolved per mode after parsing
+    assert {k: v for k, v in example.items() if k not in hub_only} == offline
 
 
 # ------------------------------------------------------------------------- distributed modes
@@ -182,7 +218,7 @@ def _fake_accelerator(kind, zero_stage=None):
     ("DEEPSPEED", 2, "DeepSpeed ZeRO-2"),
 ])
 def test_supported_distributed_modes_pass(kind, stage, expected):
-    assert _common.check_distributed_mode(_fake_accelerator(kind, stage)) == expected
+    assert distributed.check_distributed_mode(_fake_accelerator(kind, stage)) == expected
 
 
 @pytest.mark.parametrize("kind,stage,named", [
@@ -192,8 +228,8 @@ def test_supported_distributed_modes_pass(kind, stage, expected):
     ("XLA", None, "XLA"),
 ])
 def test_unsupported_distributed_modes_are_refused_with_the_supported_list(kind, stage, named):
-    with pytest.raises(_common.UnsupportedDistributedMode) as info:
-        _common.check_distributed_mode(_fake_accelerator(kind, stage))
+    with pytest.raises(distributed.UnsupportedDistributedMode) as info:
+        distributed.check_distributed_mode(_fake_accelerator(kind, stage))
     message = str(info.value)
     assert named in message
     assert "single process" in message and "DDP" in message and "ZeRO stage 1/2" in message
@@ -212,8 +248,8 @@ def _deepspeed_accelerator(**config):
     ({"gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}, 4, 0.0, "--max_grad_norm is 0"),
 ])
 def test_deepspeed_config_disagreeing_with_the_flags_is_refused(config, accumulation, max_norm, named):
-    with pytest.raises(_common.UnsupportedDistributedMode) as info:
-        _common.check_deepspeed_config(_deepspeed_accelerator(**config), accumulation, max_norm)
+    with pytest.raises(distributed.UnsupportedDistributedMode) as info:
+        distributed.check_deepspeed_config(_deepspeed_accelerator(**config), accumulation, max_norm)
     assert named in str(info.value) and "DeepSpeed config" in str(info.value)
 
 
@@ -223,23 +259,23 @@ def test_deepspeed_config_disagreeing_with_the_flags_is_refused(config, accumula
     ({"gradient_accumulation_steps": 1, "gradient_clipping": 0.0}, 1, None),  # no clipping on either side
 ])
 def test_deepspeed_config_matching_the_flags_passes(config, accumulation, max_norm):
-    _common.check_deepspeed_config(_deepspeed_accelerator(**config), accumulation, max_norm)
-    _common.check_deepspeed_config(_fake_accelerator("MULTI_CPU"), accumulation, max_norm)  # not DeepSpeed: no check
+    distributed.check_deepspeed_config(_deepspeed_accelerator(**config), accumulation, max_norm)
+    distributed.check_deepspeed_config(_fake_accelerator("MULTI_CPU"), accumulation, max_norm)  # not DeepSpeed: no check
 
 
 def test_deepspeed_without_cuda_gets_gloo(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    (handler,) = _common.process_group_kwargs()
+    (handler,) = distributed.process_group_kwargs()
     assert handler.to_kwargs()["backend"] == "gloo"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _common.process_group_kwargs() == []  # on CUDA accelerate picks nccl itself
+    assert distributed.process_group_kwargs() == []  # on CUDA accelerate picks nccl itself
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _common.process_group_kwargs() == []
+    assert distributed.process_group_kwargs() == []
 
 
 def test_real_accelerator_single_process_is_accepted():
     from accelerate import Accelerator
 
-    assert _common.check_distributed_mode(Accelerator(cpu=True)) == "single process"
+    assert distributed.check_distributed_mode(Accelerator(cpu=True)) == "single process"
