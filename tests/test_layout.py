@@ -81,3 +81,28 @@ def test_no_sys_path_manipulation_in_shipped_code():
             if re.search(r"sys\.path(\.insert|\.append|\[)", path.read_text()):
                 offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
+
+
+def test_readme_flag_tables_name_real_flags():
+    """Every flag in the README's tables is an option of the SD script, and the ResLoRA flags of the examples are the
+    script's (same names, same defaults)."""
+    import argparse
+
+    from reslora_diffusers.integrations.cli import RESLORA_DEFAULTS, add_reslora_args
+
+    help_text = subprocess.run([sys.executable, str(ROOT / "train_text_to_image_reslora.py"), "--help"],
+                               capture_output=True, text=True, timeout=120, cwd=ROOT).stdout
+    readme = (ROOT / "README.md").read_text()
+    table_flags = set(re.findall(r"^\| `(--[a-z0-9_]+)", readme, re.M))
+    assert {"--reslora_structure", "--calibration_batches", "--merge"} <= table_flags
+    missing = sorted(f for f in table_flags if f not in help_text)
+    assert not missing, missing
+    parser = argparse.ArgumentParser()
+    add_reslora_args(parser)
+    defaults = vars(parser.parse_args([]))
+    assert {k: defaults[k] for k in RESLORA_DEFAULTS} == RESLORA_DEFAULTS
+    from examples import train_llama_reslora, train_roberta_glue_reslora
+
+    for example in (train_llama_reslora, train_roberta_glue_reslora):
+        args = vars(example.parse_args([]))
+        assert {k: args[k] for k in RESLORA_DEFAULTS} == RESLORA_DEFAULTS, example.__name__
