@@ -9,7 +9,12 @@ Two cues of the ``pokemon-style`` dataset (thick black outlines, flat pastel fil
   palette (pastel fills, white background, black outline).
 
 ``style_score = 0.5 * outline + 0.5 * palette`` in [0, 1]; higher = more pokemon-style. Images are
-compared at 64x64 (box-downsampled), so the score does not depend on the resolution much.
+compared at 64x64 (box-downsampled), so the score does not depend on the resolution much. On 200
+dataset images and 200 base-style images (``base_style_sample``, 64 px, seed 0) every dataset image
+scores above every base-style image (dataset 0.788-0.974, mean 0.946; base style 0.000-0.036, mean 0.008).
+
+A content check, ``fill_colour_match(image, colour_name)``: the fraction of the creature's fill
+pixels whose hue is nearest the prompt's colour word, for both styles (see ``fill_pixels``).
 """
 
 from __future__ import annotations
