@@ -2,16 +2,24 @@
 """Pretrain the embedded offline tiny SD2-layout base on the CPU (deterministic for a given --threads).
 
     python scripts/build_tiny_base.py --out reslora_diffusers/demo/assets/tiny-sd2-base --seed 0 \
-        --grid docs/tiny_base_samples.png --shape-grid docs/tiny_base_shapes_colours.png
+        --grid docs/tiny_base_samples.png --colour-grid docs/tiny_base_colours.png
 
-1. renders a procedural base domain with PIL (saturated shapes on muted plain/gradient
-   backgrounds, captions "a red circle on the left"), plus generic clutter for the VAE only;
+1. renders the base domain with PIL: the pokemon-style dataset's creatures (same anatomy, same
+   caption grammar, "a green cartoon creature with big eyes and a long tail") in the base style
+   (``reslora_diffusers.demo.pokemon_style.base_style_sample``: flat saturated fills, no outlines,
+   coloured/patterned backgrounds), plus, for the VAE only, generic clutter and outlined pastel
+   creatures on white (``--num-outlined``: drawn like the pokemon-style dataset, from their own rng
+   names). SD's VAE reconstructs cartoons it was never fine-tuned on; a VAE that never saw thick
+   outlines cannot decode them (tried: the base VAE trained on shapes + clutter reconstructs
+   pokemon-style images with L1 0.27 of [-1, 1], as blurry blobs). The UNet never sees them;
 2. trains the AutoencoderKL (MSE reconstruction + small KL), sets its scaling_factor from the
    latent statistics;
 3. trains the UNet with v-prediction on cached latents, conditioned by the frozen, seeded CLIP text
    encoder (10% caption dropout for classifier-free guidance), with an EMA of its weights;
-4. saves the pipeline in fp16 with ``save_pretrained`` (loads with
-   ``StableDiffusionPipeline.from_pretrained(DIR)``), and optionally writes a labelled sample grid.
+4. saves the pipeline with ``save_pretrained``: UNet and VAE in fp16, the text encoder in fp32
+   (transformers keeps a stored dtype while diffusers loads the UNet/VAE in fp32, so an fp16 text
+   encoder breaks ``StableDiffusionPipeline.from_pretrained(DIR)`` with no ``torch_dtype``), and
+   optionally writes labelled sample grids.
 """
 
 from __future__ import annotations
@@ -34,24 +42,33 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from reslora_diffusers.demo.grids import make_grid
+from reslora_diffusers.demo.pokemon_style import (
+    COLOR_NAMES,
+    base_style_sample,
+    pokemon_style_sample,
+    render_creature,
+)
 from reslora_diffusers.demo.tiny_sd2 import (
-    BASE_COLORS,
-    BASE_SHAPES,
     TINY_RESOLUTION,
-    base_caption,
-    base_domain_sample,
     build_tiny_pipeline,
     build_tiny_scheduler,
     write_tiny_tokenizer_files,
 )
 
+# prompts x seeds grid: the training script's sample prompts first, then more of the caption grammar
 GRID_CAPTIONS = [
-    "a red circle on the left",
-    "a blue square on the right",
-    "a yellow star in the middle",
-    "a green triangle at the top",
-    "a purple circle at the bottom",
-    "an orange star on the left",
+    "a green cartoon creature with big eyes and a long tail",
+    "a pink cartoon creature with small ears",
+    "a blue cartoon creature with wings",
+    "a yellow round cartoon creature with small eyes",
+    "an orange cartoon creature with big eyes, pointy ears and little feet",
+    "a purple cartoon creature with big eyes, a horn and a light belly",
+]
+# colours grid: rows are these anatomies, columns the six colour words
+COLOUR_GRID_ANATOMIES = [
+    "cartoon creature with big eyes and a long tail",
+    "round cartoon creature with small eyes",
+    "cartoon creature with big eyes and wings",
 ]
 
 
@@ -124,22 +141,23 @@ def sample_grid(pipe, captions=GRID_CAPTIONS, seeds=(0, 1, 2, 3, 4), steps: int 
 
 
 @torch.no_grad()
-def colour_shape_grid(pipe, position: str = "in the middle", seed: int = 0, steps: int = 20, guidance: float = 3.0):
-    """One sample per (shape, colour) caption at a fixed position and seed: rows shapes, columns colours."""
+def colour_grid(pipe, seed: int = 0, steps: int = 20, guidance: float = 3.0):
+    """One sample per (anatomy, colour) caption at a fixed seed: rows anatomies, columns the six colours."""
     rows = []
-    for shape in BASE_SHAPES:
+    for anatomy in COLOUR_GRID_ANATOMIES:
         row = []
-        for colour in sorted(BASE_COLORS):
+        for colour in COLOR_NAMES:
+            article = "an" if colour[0] in "aeiou" else "a"
             g = torch.Generator().manual_seed(seed)
-            row.append(pipe(base_caption(colour, shape, position), num_inference_steps=steps, guidance_scale=guidance,
+            row.append(pipe(f"{article} {colour} {anatomy}", num_inference_steps=steps, guidance_scale=guidance,
                             generator=g, height=TINY_RESOLUTION, width=TINY_RESOLUTION).images[0])
         rows.append(row)
-    return make_grid(rows, list(BASE_SHAPES), sorted(BASE_COLORS))
+    return make_grid(rows, COLOUR_GRID_ANATOMIES, list(COLOR_NAMES))
 
 
 def write_grids(pipe, args):
     for path, draw in ((args.grid, lambda: sample_grid(pipe, guidance=args.guidance)),
-                       (args.shape_grid, lambda: colour_shape_grid(pipe, guidance=args.guidance))):
+                       (args.colour_grid, lambda: colour_grid(pipe, guidance=args.guidance))):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             draw().save(path)
@@ -150,26 +168,29 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-images", type=int, default=6000, help="base-domain training images")
-    ap.add_argument("--num-clutter", type=int, default=3000, help="extra generic images for the VAE")
-    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--num-images", type=int, default=6000, help="base-style creature training images")
+    ap.add_argument("--num-clutter", type=int, default=1500, help="extra generic images for the VAE")
+    ap.add_argument("--num-outlined", type=int, default=2000,
+                    help="extra outlined pastel creatures on white for the VAE (not the UNet)")
+    ap.add_argument("--vae-steps", type=int, default=1600)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-6)
-    ap.add_argument("--unet-steps", type=int, default=2400)
+    ap.add_argument("--unet-steps", type=int, default=2000)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--cond-dropout", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the cores are shared)")
-    ap.add_argument("--fp32", action="store_true", help="store fp32 weights instead of fp16")
+    ap.add_argument("--fp32", action="store_true", help="store the UNet and VAE in fp32 too (the text encoder always is)")
     ap.add_argument("--grid", default=None, help="also write a labelled sample grid PNG here")
-    ap.add_argument("--shape-grid", default=None, help="also write a shapes x colours sample grid PNG here")
+    ap.add_argument("--colour-grid", "--shape-grid", dest="colour_grid", default=None,
+                    help="also write an anatomies x colours sample grid PNG here")
     ap.add_argument("--grid-only", action="store_true", help="only write the grid(s) from an existing --out")
     ap.add_argument("--guidance", type=float, default=3.0, help="guidance scale for the grid (5 over-saturates stars)")
     args = ap.parse_args(argv)
-    if args.grid_only and not (args.grid or args.shape_grid):
-        ap.error("--grid-only needs --grid PATH and/or --shape-grid PATH")
+    if args.grid_only and not (args.grid or args.colour_grid):
+        ap.error("--grid-only needs --grid PATH and/or --colour-grid PATH")
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -190,13 +211,17 @@ def main(argv=None):
 
     # ---- data --------------------------------------------------------------------------------
     t0 = time.time()
-    pairs = [base_domain_sample(i, args.seed) for i in range(args.num_images)]
+    pairs = [base_style_sample(i, args.seed, TINY_RESOLUTION) for i in range(args.num_images)]
     base_x = to_tensor([p[0] for p in pairs])
     captions = [p[1] for p in pairs]
     crng = random.Random(f"clutter-{args.seed}")
     clutter_x = to_tensor([render_clutter(crng) for _ in range(args.num_clutter)])
-    vae_x = torch.cat([base_x, clutter_x])
-    print(f"rendered {len(base_x)} base + {len(clutter_x)} clutter images in {time.time() - t0:.1f}s", flush=True)
+    orng = f"vae-outlined-{args.seed}"  # not the dataset's rng names
+    outlined_x = to_tensor([render_creature(random.Random(f"{orng}-{i}"), TINY_RESOLUTION)[0]
+                            for i in range(args.num_outlined)])
+    vae_x = torch.cat([base_x, clutter_x, outlined_x])
+    print(f"rendered {len(base_x)} base + {len(clutter_x)} clutter + {len(outlined_x)} outlined images "
+          f"in {time.time() - t0:.1f}s", flush=True)
 
     pipe = build_tiny_pipeline(args.seed)
     vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
@@ -249,6 +274,10 @@ def main(argv=None):
     with torch.no_grad():
         probe = vae.decode(lat_mean[:256]).sample
         base_rec_l1 = float((probe - as_input(base_x[:256])).abs().mean())
+        # the fine-tuning target goes through this VAE too: report how well it reconstructs it
+        # (the dataset's own images are not in the VAE's training data, only images drawn like them)
+        target_x = as_input(to_tensor([pokemon_style_sample(i, args.seed, TINY_RESOLUTION)[0] for i in range(256)]))
+        target_rec_l1 = float((vae.decode(vae.encode(target_x).latent_dist.mean).sample - target_x).abs().mean())
 
     uniq = sorted(set(captions)) + [""]
     with torch.no_grad():
@@ -258,7 +287,8 @@ def main(argv=None):
     cap_index = torch.tensor([uniq.index(c) for c in captions])
     empty_index = len(uniq) - 1
     print(f"cached latents/embeddings in {time.time() - t0:.1f}s; scaling_factor={scaling:.4f}; "
-          f"base-domain reconstruction L1 (of [-1,1]) {base_rec_l1:.4f}; {len(uniq) - 1} captions", flush=True)
+          f"reconstruction L1 (of [-1,1]): base style {base_rec_l1:.4f}, pokemon-style {target_rec_l1:.4f}; "
+          f"{len(uniq) - 1} captions", flush=True)
 
     # ---- UNet ----------------------------------------------------------------------------------
     noise_sched = build_tiny_scheduler("ddpm")
@@ -303,7 +333,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     pipe.scheduler = build_tiny_scheduler("ddim")
     save_dtype = torch.float32 if args.fp32 else torch.float16
-    pipe.to(save_dtype).save_pretrained(str(out), safe_serialization=True)
+    unet.to(save_dtype)
+    vae.to(save_dtype)
+    text_encoder.to(torch.float32)  # fp32: see the module docstring
+    pipe.save_pretrained(str(out), safe_serialization=True)
     write_tiny_tokenizer_files(out / "tokenizer")  # the human-readable BPE files next to tokenizer.json
     pipe.to(torch.float32)
 
@@ -313,7 +346,7 @@ def main(argv=None):
     print(f"final UNet loss (v-prediction MSE, mean of last 100 steps): {unet_loss:.4f}")
     print(f"saved {out} ({size_mb:.1f} MB) ; total time {total:.1f}s ({total / 60:.1f} min)", flush=True)
 
-    if args.grid or args.shape_grid:
+    if args.grid or args.colour_grid:
         t0 = time.time()
         pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True).to(torch.float32)
         pipe.set_progress_bar_config(disable=True)

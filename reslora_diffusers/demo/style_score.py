@@ -9,7 +9,12 @@ Two cues of the ``pokemon-style`` dataset (thick black outlines, flat pastel fil
   palette (pastel fills, white background, black outline).
 
 ``style_score = 0.5 * outline + 0.5 * palette`` in [0, 1]; higher = more pokemon-style. Images are
-compared at 64x64 (box-downsampled), so the score does not depend on the resolution much.
+compared at 64x64 (box-downsampled), so the score does not depend on the resolution much. On 200
+dataset images and 200 base-style images (``base_style_sample``, 64 px, seed 0) every dataset image
+scores above every base-style image (dataset 0.788-0.974, mean 0.946; base style 0.000-0.036, mean 0.008).
+
+A content check, ``fill_colour_match(image, colour_name)``: the fraction of the creature's fill
+pixels whose hue is nearest the prompt's colour word, for both styles (see ``fill_pixels``).
 """
 
 from __future__ import annotations
@@ -62,3 +67,103 @@ def style_score(images) -> float:
     if not images:
         raise ValueError("style_score needs at least one image")
     return float(np.mean(style_scores(images)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Content check: does the creature's fill have the prompt's colour?
+# ---------------------------------------------------------------------------------------------
+
+from .pokemon_style import PASTEL_COLORS, SATURATED_COLORS  # noqa: E402
+
+
+def _hue_deg(rgb: np.ndarray) -> np.ndarray:
+    """Hue in degrees [0, 360) of an (N, 3) float array in [0, 255]."""
+    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    mx, mn = rgb.max(axis=1), rgb.min(axis=1)
+    c = np.maximum(mx - mn, 1e-6)
+    h = np.where(mx == r, ((g - b) / c) % 6, np.where(mx == g, (b - r) / c + 2, (r - g) / c + 4))
+    return (h * 60.0) % 360.0
+
+
+def _circular_mean_deg(h: np.ndarray) -> float:
+    a = np.deg2rad(h)
+    return float(np.rad2deg(np.arctan2(np.sin(a).mean(), np.cos(a).mean())) % 360.0)
+
+
+def _hue_dist(a, b):
+    d = np.abs(np.asarray(a) - np.asarray(b)) % 360.0
+    return np.minimum(d, 360.0 - d)
+
+
+#: reference hue of each colour word: circular mean of its pastel (dataset) and saturated (base) fill
+COLOUR_HUES = {
+    name: _circular_mean_deg(_hue_deg(np.asarray([PASTEL_COLORS[name], SATURATED_COLORS[name]], np.float32)))
+    for name in sorted(PASTEL_COLORS)
+}
+FILL_MIN_SATURATION = 0.15  # HSV saturation below this is white/grey/black, not a fill
+FILL_MARGIN = 1 / 8  # border strip (fraction of the side) left out of the fill region
+BACKGROUND_HUE_EXCLUSION = 35.0  # degrees: on a coloured background, pixels this close to its hue are background
+
+
+def fill_pixels(image) -> np.ndarray:
+    """The (N, 3) RGB fill pixels of ``image`` (at 64x64): the creature's coloured pixels.
+
+    A pixel is a fill pixel if it is neither near-black (max channel < ``DARK_THRESHOLD``: outline,
+    pupils) nor unsaturated (HSV saturation < ``FILL_MIN_SATURATION``: white background, eye whites,
+    greys), and lies inside the central region (a ``FILL_MARGIN`` border strip is left out). If the
+    border strip is mostly saturated, the background is coloured (the base style): its hue is the
+    circular mean hue of the border's saturated pixels, and pixels within ``BACKGROUND_HUE_EXCLUSION``
+    degrees of it count as background, not fill. (The base style keeps the background >= 80 degrees
+    of hue away from the fill and its patterns within +-20 degrees of one hue.)
+    """
+    arr = _as_array(image)
+    n = arr.shape[0]
+    mx, mn = arr.max(axis=2), arr.min(axis=2)
+    sat = (mx - mn) / np.maximum(mx, 1e-6)
+    coloured = (mx >= DARK_THRESHOLD) & (sat >= FILL_MIN_SATURATION)
+    m = max(1, int(round(n * FILL_MARGIN)))
+    inner = np.zeros((n, n), dtype=bool)
+    inner[m:n - m, m:n - m] = True
+    keep = coloured & inner
+    border = coloured & ~inner
+    if border.sum() > 0.5 * (~inner).sum():
+        bg_hue = _circular_mean_deg(_hue_deg(arr[border]))
+        keep &= _hue_dist(_hue_deg(arr.reshape(-1, 3)).reshape(n, n), bg_hue) >= BACKGROUND_HUE_EXCLUSION
+    return arr[keep]
+
+
+def nearest_colour_names(rgb: np.ndarray) -> np.ndarray:
+    """For each (N, 3) RGB pixel, the colour word (of the six) whose reference hue is nearest."""
+    names = sorted(COLOUR_HUES)
+    ref = np.asarray([COLOUR_HUES[k] for k in names], np.float32)
+    d = _hue_dist(_hue_deg(np.asarray(rgb, np.float32))[:, None], ref[None, :])
+    return np.asarray(names)[d.argmin(axis=1)]
+
+
+def fill_colour_match(image, colour_name: str) -> dict:
+    """Whether the creature's fill has the hue of ``colour_name`` (one of the six colour words).
+
+    Returns ``fraction``: the fraction of fill pixels (see ``fill_pixels``) whose nearest colour word
+    by hue is ``colour_name`` (0.0 when there are no fill pixels); ``nearest``: the most common
+    nearest colour word among the fill pixels (None if none); ``num_fill_pixels``; and ``match``:
+    ``nearest == colour_name``. Accent parts (ears, horns, wings) and mixed edge pixels keep
+    ``fraction`` below 1 even for a correct image.
+    """
+    if colour_name not in COLOUR_HUES:
+        raise ValueError(f"unknown colour {colour_name!r}; use one of {sorted(COLOUR_HUES)}")
+    px = fill_pixels(image)
+    if len(px) == 0:
+        return {"fraction": 0.0, "nearest": None, "num_fill_pixels": 0, "match": False}
+    names = nearest_colour_names(px)
+    values, counts = np.unique(names, return_counts=True)
+    nearest = str(values[counts.argmax()])
+    return {"fraction": float((names == colour_name).mean()), "nearest": nearest,
+            "num_fill_pixels": int(len(px)), "match": nearest == colour_name}
+
+
+def caption_colour(caption: str) -> str | None:
+    """The first of the six colour words in ``caption`` (None if there is none)."""
+    for word in caption.replace(",", " ").split():
+        if word in COLOUR_HUES:
+            return word
+    return None

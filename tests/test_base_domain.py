@@ -1,0 +1,181 @@
+"""The tiny base's creature domain: the base style vs the pokemon-style dataset, the style score,
+the fill-colour content check, and stock-diffusers loading of the shipped base."""
+
+import colorsys
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from reslora_diffusers.demo.pokemon_style import (
+    COLOR_NAMES,
+    PALETTE,
+    PASTEL_COLORS,
+    SATURATED_COLORS,
+    base_style_sample,
+    make_pokemon_style_dataset,
+    pokemon_style_sample,
+)
+from reslora_diffusers.demo.style_score import (
+    COLOUR_HUES,
+    caption_colour,
+    fill_colour_match,
+    style_components,
+    style_scores,
+)
+from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
+
+# sha256 over (pixels, caption) of pokemon_style_sample(i, seed, res) for seed in (0, 1), i < n,
+# computed with the renderer as it was before the anatomy/renderer split (commit 03ff659)
+POKEMON_STYLE_HASHES = {
+    (64, 100): "8a43bd6a7f5bb378af17d5d6f3adc1d9ae51c5dda7795942a9e23790504e9e4b",
+    (128, 30): "ad823324fb2c61da587b72439b6efb5d5a9a72c1bf811fc113d0107f0737b9a0",
+    (32, 30): "1102593ad8d37fcc171f6e8815366bb1a0044a354c82656f9c391d14df41460d",
+}
+
+
+def _hash(sample, resolution, n):
+    h = hashlib.sha256()
+    for seed in (0, 1):
+        for i in range(n):
+            im, text = sample(i, seed, resolution)
+            h.update(np.asarray(im).tobytes())
+            h.update(text.encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("resolution,n", sorted(POKEMON_STYLE_HASHES))
+def test_pokemon_style_is_byte_identical_to_the_pre_split_renderer(resolution, n):
+    assert _hash(pokemon_style_sample, resolution, n) == POKEMON_STYLE_HASHES[(resolution, n)]
+
+
+def test_base_style_is_deterministic_and_shares_the_caption_grammar():
+    assert _hash(base_style_sample, 64, 10) == _hash(base_style_sample, 64, 10)
+    a, ta = base_style_sample(3, 0, 64)
+    b, tb = base_style_sample(3, 1, 64)
+    assert a.size == (64, 64) and a.mode == "RGB"
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    base_caps = [base_style_sample(i, 0, 64)[1] for i in range(60)]
+    pokemon_caps = [pokemon_style_sample(i, 0, 64)[1] for i in range(60)]
+    # own rng names: the base style does not replay the dataset's samples
+    assert sum(x == y for x, y in zip(base_caps, pokemon_caps)) < 10
+    for cap in base_caps + pokemon_caps:
+        assert " cartoon creature with " in cap and ("big eyes" in cap or "small eyes" in cap)
+        assert caption_colour(cap) in COLOR_NAMES
+    # the same grammar: the base captions use only phrases the dataset's captions use
+    phrases = lambda caps: {p.strip() for c in caps for p in c.split(" with ")[1].replace(" and ", ",").split(",")}  # noqa: E731
+    assert phrases(base_caps) <= phrases([pokemon_style_sample(i, 0, 64)[1] for i in range(400)])
+
+
+def test_colour_words_keep_their_hue_across_styles():
+    assert sorted(PASTEL_COLORS) == sorted(SATURATED_COLORS) == list(COLOR_NAMES)
+    for name in COLOR_NAMES:
+        hp, sp, vp = colorsys.rgb_to_hsv(*(c / 255 for c in PASTEL_COLORS[name]))
+        hs, ss, vs = colorsys.rgb_to_hsv(*(c / 255 for c in SATURATED_COLORS[name]))
+        d = abs(hp - hs) * 360
+        assert min(d, 360 - d) < 16, name
+        assert ss > 0.75 and sp < 0.5, name
+
+
+def test_base_style_has_no_outline_and_no_white_or_pastel_background():
+    palette = np.asarray(PALETTE, np.float32)
+    for i in range(200):
+        im, _ = base_style_sample(i, 0, 64)
+        arr = np.asarray(im, np.float32)
+        assert (arr.max(axis=2) >= 70).all(), i  # no near-black pixel at all (style_score.DARK_THRESHOLD)
+        assert style_components(im)["dark_fraction"] == 0.0
+        # the background (the 4x4 corners, which the creatures do not reach) is neither white nor pastel
+        border = np.concatenate([arr[:4, :4], arr[:4, -4:], arr[-4:, :4], arr[-4:, -4:]]).reshape(-1, 3)
+        mx, mn = border.max(axis=1), border.min(axis=1)
+        assert (mn < 200).all(), i
+        assert ((mx - mn) / mx >= 0.3).all(), i
+        dist = np.sqrt(((border[:, None] - palette[None]) ** 2).sum(-1)).min(axis=1)
+        assert (dist > 45).all(), i
+
+
+def test_style_score_separates_base_style_from_dataset():
+    pokemon = [r["image"] for r in make_pokemon_style_dataset(num_samples=60, seed=0, resolution=64)]
+    base = [base_style_sample(i, 0, 64)[0] for i in range(60)]
+    p, b = style_scores(pokemon), style_scores(base)
+    assert min(p) > max(b)
+    assert np.mean(p) - np.mean(b) > 0.8
+
+
+def _disc(rgb, background=(255, 255, 255), outline=None, size=64):
+    img = Image.new("RGB", (size, size), background)
+    ImageDraw.Draw(img).ellipse([16, 16, 48, 48], fill=rgb, outline=outline, width=3 if outline else 0)
+    return img
+
+
+def _hsv(h, s, v):
+    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb((h % 360) / 360, s, v))
+
+
+def test_fill_colour_match_on_images_of_known_colour():
+    # independent expectation: discs of a known hue, pastel or saturated, outlined on white or
+    # plain on a coloured background far in hue; each reference hue +-10 degrees names itself
+    for name in COLOR_NAMES:
+        h = COLOUR_HUES[name]
+        for dh in (-10, 0, 10):
+            for fill, bg, outline in ((_hsv(h + dh, 0.35, 1.0), (255, 255, 255), (20, 20, 20)),
+                                      (_hsv(h + dh, 0.9, 0.9), _hsv(h + 180, 0.8, 0.5), None)):
+                r = fill_colour_match(_disc(fill, bg, outline), name)
+                assert r["match"] and r["nearest"] == name and r["fraction"] > 0.95, (name, dh, r)
+                others = [n for n in COLOR_NAMES if n != name]
+                assert not fill_colour_match(_disc(fill, bg, outline), others[0])["match"]
+    blank = fill_colour_match(Image.new("RGB", (64, 64), (255, 255, 255)), "green")
+    assert blank == {"fraction": 0.0, "nearest": None, "num_fill_pixels": 0, "match": False}
+    with pytest.raises(ValueError):
+        fill_colour_match(_disc((0, 200, 0)), "red")
+
+
+def test_fill_colour_match_on_rendered_creatures():
+    for sample in (pokemon_style_sample, base_style_sample):
+        fractions = []
+        for i in range(60):
+            im, cap = sample(i, 0, 64)
+            r = fill_colour_match(im, caption_colour(cap))
+            assert r["match"], (sample.__name__, i, cap, r)
+            fractions.append(r["fraction"])
+        assert np.mean(fractions) > 0.85, sample.__name__
+
+
+def test_shipped_base_loads_in_stock_diffusers_without_reslora(tmp_path):
+    """The shipped base generates with ``StableDiffusionPipeline.from_pretrained(path)`` (no torch_dtype),
+    in a subprocess in which importing reslora_diffusers is blocked."""
+    if not os.path.isdir(TINY_BASE_PATH):
+        pytest.fail(f"shipped base missing at {TINY_BASE_PATH}")
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, json, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "reslora_diffusers" or name.startswith("reslora_diffusers."):
+                    raise ImportError("blocked: " + name)
+                return None
+        sys.meta_path.insert(0, Block())
+        import numpy as np, torch
+        from diffusers import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained({TINY_BASE_PATH!r})
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe("a green cartoon creature with big eyes", num_inference_steps=5, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+        arr = np.asarray(image, dtype=np.float32)
+        print(json.dumps({{"size": list(image.size), "std": float(arr.std()),
+                          "dtypes": [str(pipe.unet.dtype), str(pipe.vae.dtype), str(pipe.text_encoder.dtype)],
+                          "leaked": sorted(m for m in sys.modules if m.startswith("reslora_diffusers"))}}))
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH="")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["leaked"] == []
+    assert result["size"] == [64, 64] and result["std"] > 5
