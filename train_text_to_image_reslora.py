@@ -31,6 +31,7 @@ import torch
 from reslora_diffusers import ShortcutSchedule, inject_reslora, load_training_state, merged_view, save_training_state
 from reslora_diffusers.core.export import DIFFUSERS_WEIGHT_NAME, EXPORT_FORMATS, KOHYA_WEIGHT_NAME
 from reslora_diffusers.core.model import get_controller
+from reslora_diffusers.demo.pokemon_style import DEFAULT_SAMPLE_PROMPTS
 from reslora_diffusers.integrations.cli import add_reslora_args, reslora_config_from_args
 from reslora_diffusers.integrations.distributed import (
     UnsupportedDistributedMode,
@@ -88,11 +89,6 @@ DATASET_ALIASES = {
 }
 EMBEDDED_DATASET = "pokemon-style"
 EXPORT_SAMPLES_DIR = "export"  # samples/export/: from the exported file, loaded by stock diffusers
-DEFAULT_SAMPLE_PROMPTS = [
-    "a green cartoon creature with big eyes and a long tail",
-    "a pink cartoon creature with small ears",
-    "a blue cartoon creature with wings",
-]
 # defaults for the embedded tiny base (a short CPU run); hub models get diffusers' defaults
 EMBEDDED_DEFAULTS = dict(resolution=64, train_batch_size=8, max_train_steps=300, learning_rate=1e-3, sample_steps=50)
 HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, learning_rate=1e-4, sample_steps=500)

@@ -34,16 +34,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 from reslora_diffusers import ResLoRAConfig, inject_reslora, merge_error, merge_reslora, merged_view
-from reslora_diffusers.demo.pokemon_style import pokemon_style_sample
+from reslora_diffusers.demo.pokemon_style import DEFAULT_SAMPLE_PROMPTS, pokemon_style_sample
 from reslora_diffusers.demo.style_score import style_scores
 from reslora_diffusers.integrations.sd_run import TARGET_MODULES, step_dir_name, unet_forward
 from reslora_diffusers.integrations.sd_training import calibration_batches, diffusion_loss
 
-SAMPLE_PROMPTS = [  # the training script's default sample prompts
-    "a green cartoon creature with big eyes and a long tail",
-    "a pink cartoon creature with small ears",
-    "a blue cartoon creature with wings",
-]
+SAMPLE_PROMPTS = DEFAULT_SAMPLE_PROMPTS  # the training script's default sample prompts
 SAMPLE_SEEDS = (0, 1)
 RESOLUTION = 64
 DATA_SEED = 0  # the dataset itself is fixed; the run seed changes init, data order and noise

@@ -8,10 +8,12 @@ checks run in a fresh interpreter in which ``reslora_diffusers`` cannot be impor
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from itertools import groupby
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +147,29 @@ def test_merge_cli_export_format_and_text_encoder(runs_tb, tmp_path):
         module = k[: -len(".lora_down.weight")]
         delta_a, delta_b = (f[f"{module}.lora_up.weight"] @ f[k] for f in (a, b))
         assert ((delta_a - delta_b).norm() / delta_b.norm()).item() < 1e-3, module  # a least-squares fit: float noise
+
+
+# --------------------------------------------------------------------- stock diffusers, as a new user does it
+def test_shipped_base_generates_in_stock_diffusers_with_no_extra_arguments():
+    """from_pretrained(path) with no torch_dtype, then a prompt: every weight comes out fp32 and an image comes out."""
+    size = json.loads((Path(TINY_BASE) / "unet" / "config.json").read_text())["sample_size"] * 8
+    out = run_stock(f"""
+        from diffusers import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained({TINY_BASE!r})
+        image = pipe("a green cartoon creature with big eyes", num_inference_steps=4).images[0]
+        dtypes = sorted({{str(p.dtype) for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()}})
+        print(json.dumps({{"size": list(image.size), "dtypes": dtypes}}))
+    """)
+    assert out == {"size": [size, size], "dtypes": ["torch.float32"]}
+
+
+def test_model_card_snippet_runs_verbatim(runs_tb):
+    """The "How to use" code of the card a run writes, exactly as written, in stock diffusers."""
+    card = (runs_tb["bs"] / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "from_pretrained(" in snippet and "load_lora_weights(" in snippet
+    out = run_stock(snippet + "\nprint(json.dumps({'size': list(image.size)}))\n", timeout=900)
+    assert out["size"][0] > 0
 
 
 # ----------------------------------------------------------------------- samples from the export

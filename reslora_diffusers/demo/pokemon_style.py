@@ -30,6 +30,12 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 DATASET_NAME = "pokemon-style"
+#: the prompts the training script samples by default (and the SD benchmarks score): the caption grammar
+DEFAULT_SAMPLE_PROMPTS = [
+    "a green cartoon creature with big eyes and a long tail",
+    "a pink cartoon creature with big eyes and round ears",
+    "a blue cartoon creature with wings",
+]
 
 # flat pastel fills, named with the base domain's colour words
 PASTEL_COLORS = {

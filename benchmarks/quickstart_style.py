@@ -1,0 +1,97 @@
+"""Measure a training run's snapshots: style score and prompt colour, per step, beside the dataset and the base style.
+
+    python -m benchmarks.quickstart_style runs/quickstart [--num_reference 200] [--json out.json]
+
+For every snapshot folder of the run (``samples/step-N`` and ``samples/export``) and every sample in it (the
+run's fixed prompts x seeds):
+
+- ``style``: ``style_score`` (outline + palette cues of the ``pokemon-style`` dataset, in [0, 1]);
+- ``colour``: ``fill_colour_match`` against the prompt's colour word: the fraction of the creature's fill
+  pixels (inside the outline: not near-black, not white, away from a coloured background) whose nearest
+  colour word is the prompt's, and whether the most common one is the prompt's.
+
+Step 0 is the base model (the LoRA starts at zero). For reference it also scores ``--num_reference`` images of
+the dataset (``pokemon-style``) and of the base's pretraining style, at the run's resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from reslora_diffusers.demo.pokemon_style import base_style_sample, pokemon_style_sample
+from reslora_diffusers.demo.style_score import caption_colour, fill_colour_match, style_score_image
+
+
+def snapshot_folders(run: Path) -> list[tuple[str, Path]]:
+    """(label, folder) of every snapshot, in step order, then the export."""
+    steps = sorted((run / "samples").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    folders = [(f"step {int(p.name.split('-')[1])}", p) for p in steps]
+    if (run / "samples" / "export").is_dir():
+        folders.append(("export", run / "samples" / "export"))
+    if not folders:
+        raise SystemExit(f"{run} has no samples/step-* folders: pass the --output_dir of a training run.")
+    return folders
+
+
+def measure_folder(folder: Path) -> dict:
+    """Style score and colour match of every sample in one snapshot folder."""
+    meta = json.loads((folder / "prompts.json").read_text())
+    samples = []
+    for i, prompt in enumerate(meta["prompts"]):
+        colour = caption_colour(prompt)
+        for seed in meta["seeds"]:
+            image = Image.open(folder / f"prompt-{i:02d}_seed-{seed}.png").convert("RGB")
+            row = {"prompt": prompt, "seed": seed, "style": style_score_image(image)}
+            if colour is not None:
+                match = fill_colour_match(image, colour)
+                row.update(colour=colour, colour_fraction=match["fraction"], colour_nearest=match["nearest"],
+                           colour_match=match["match"])
+            samples.append(row)
+    coloured = [s for s in samples if "colour" in s]
+    return {"samples": samples, "style_mean": float(np.mean([s["style"] for s in samples])),
+            "colour_matches": sum(s["colour_match"] for s in coloured), "colour_checked": len(coloured)}
+
+
+def reference_scores(sample_fn, n: int, resolution: int) -> dict:
+    scores = [style_score_image(sample_fn(i, 0, resolution)[0]) for i in range(n)]
+    return {"n": n, "min": float(np.min(scores)), "mean": float(np.mean(scores)), "max": float(np.max(scores))}
+
+
+def markdown(report: dict) -> str:
+    lines = ["| snapshot | style score (mean) | per sample | prompt colour matched |", "|---|---|---|---|"]
+    for label, m in report["snapshots"].items():
+        per = ", ".join(f"{s['style']:.2f}" for s in m["samples"])
+        lines.append(f"| {label} | {m['style_mean']:.2f} | {per} | {m['colour_matches']}/{m['colour_checked']} |")
+    for name in ("dataset", "base_style"):
+        r = report[name]
+        lines.append(f"| {name.replace('_', ' ')} ({r['n']} images) | {r['mean']:.2f} | min {r['min']:.2f}, "
+                     f"max {r['max']:.2f} | |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path, help="the --output_dir of a training run")
+    ap.add_argument("--num_reference", type=int, default=200, help="dataset / base-style images scored for reference")
+    ap.add_argument("--json", type=Path, default=None, help="also write the full report here")
+    args = ap.parse_args(argv)
+    folders = snapshot_folders(args.run)
+    first = next(folders[0][1].glob("prompt-*.png"))
+    resolution = Image.open(first).size[0]
+    report = {"run": str(args.run), "resolution": resolution,
+              "snapshots": {label: measure_folder(folder) for label, folder in folders},
+              "dataset": reference_scores(pokemon_style_sample, args.num_reference, resolution),
+              "base_style": reference_scores(base_style_sample, args.num_reference, resolution)}
+    print(markdown(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
