@@ -12,6 +12,9 @@ run's fixed prompts x seeds):
 
 Step 0 is the base model (the LoRA starts at zero). For reference it also scores ``--num_reference`` images of
 the dataset (``pokemon-style``) and of the base's pretraining style, at the run's resolution.
+
+``--vae_round_trip N`` also encodes and decodes N dataset images with the run's base VAE (the embedded base's
+unless the run names another): the look a fine-tune can reach at best, per colour word.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from reslora_diffusers.demo.pokemon_style import base_style_sample, pokemon_style_sample
 from reslora_diffusers.demo.style_score import caption_colour, fill_colour_match, style_score_image
+from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
 
 
 def snapshot_folders(run: Path) -> list[tuple[str, Path]]:
@@ -62,6 +67,26 @@ def reference_scores(sample_fn, n: int, resolution: int) -> dict:
     return {"n": n, "min": float(np.min(scores)), "mean": float(np.mean(scores)), "max": float(np.max(scores))}
 
 
+@torch.no_grad()
+def vae_round_trip(base_path: str, n: int, resolution: int) -> dict:
+    """Style score and prompt-colour match of N dataset images after the VAE's encode/decode (posterior mean)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(base_path, subfolder="vae").float().eval()
+    per_colour, scores = {}, []
+    for i in range(n):
+        image, caption = pokemon_style_sample(i, 0, resolution)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample[0].clamp(-1, 1)
+        decoded = Image.fromarray(((y.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
+        scores.append(style_score_image(decoded))
+        colour = caption_colour(caption)
+        matched, total = per_colour.get(colour, (0, 0))
+        per_colour[colour] = (matched + int(fill_colour_match(decoded, colour)["match"]), total + 1)
+    return {"n": n, "style_min": float(np.min(scores)), "style_mean": float(np.mean(scores)),
+            "style_max": float(np.max(scores)), "colour_matched": {k: list(v) for k, v in sorted(per_colour.items())}}
+
+
 def markdown(report: dict) -> str:
     lines = ["| snapshot | style score (mean) | per sample | prompt colour matched |", "|---|---|---|---|"]
     for label, m in report["snapshots"].items():
@@ -79,6 +104,8 @@ def main(argv=None):
     ap.add_argument("run", type=Path, help="the --output_dir of a training run")
     ap.add_argument("--num_reference", type=int, default=200, help="dataset / base-style images scored for reference")
     ap.add_argument("--json", type=Path, default=None, help="also write the full report here")
+    ap.add_argument("--vae_round_trip", type=int, default=0, metavar="N",
+                    help="also round-trip N dataset images through the base's VAE")
     args = ap.parse_args(argv)
     folders = snapshot_folders(args.run)
     first = next(folders[0][1].glob("prompt-*.png"))
@@ -88,6 +115,11 @@ def main(argv=None):
               "dataset": reference_scores(pokemon_style_sample, args.num_reference, resolution),
               "base_style": reference_scores(base_style_sample, args.num_reference, resolution)}
     print(markdown(report))
+    if args.vae_round_trip:
+        base = json.loads((args.run / "reslora_run.json").read_text()).get("config", {}).get(
+            "pretrained_model_name_or_path") or TINY_BASE_PATH
+        report["vae_round_trip"] = vae_round_trip(base, args.vae_round_trip, resolution)
+        print("VAE round trip of dataset images:", json.dumps(report["vae_round_trip"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return report
