@@ -928,8 +928,8 @@ def train(args, accelerator, models, opt, schedules, snapshots, state, resume_sk
                 opt.dataset.use_epoch(epoch)
                 skip = resume_skip if epoch == first_epoch else 0
                 loader = accelerator.skip_first_batches(opt.dataloader, skip) if skip else opt.dataloader
-                train_epoch(args, accelerator, models, opt, schedules, snapshots, state, stop, loader,
-                                       progress, run_info)
+                train_epoch(args, accelerator, models, opt, schedules, snapshots, state, stop, loader, progress,
+                            run_info)
                 if stop.stopping:
                     if state.last_checkpoint is None or state.last_checkpoint.name != f"checkpoint-{state.global_step}":
                         state.last_checkpoint = checkpoint(accelerator, args, state.global_step)
@@ -954,7 +954,7 @@ def train(args, accelerator, models, opt, schedules, snapshots, state, resume_sk
 # --------------------------------------------------------------------------------------- export
 def export(args, accelerator, models, schedules, snapshots, state, calibration, text_calibration, card, run_info,
            elapsed):
-    """Main process: last snapshot, training state, the merged export, samples from the exported file, hub upload."""
+    """Main process: the last snapshot, the training state, the merged export and samples from the exported file."""
     model = accelerator.unwrap_model(models.unet)
     if not (snapshots.samples_dir / step_dir_name(state.global_step)).is_dir():
         snapshots.snapshot(state.global_step)
@@ -1045,7 +1045,7 @@ def main(args):
     if accelerator.is_main_process and report_to != "none":
         accelerator.init_trackers("reslora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     resume_skip = resume(args, accelerator, models, opt, resume_path, resume_step, load_model_hook) if resume_path else 0
-    state = LoopState(global_step=resume_step if resume_path else 0)
+    state = LoopState(global_step=resume_step)  # 0 without a checkpoint
     schedules = make_schedules(args, accelerator, models, opt.optimizer, calibration, text_calibration)
     for schedule in schedules:
         schedule.update(state.global_step)
