@@ -30,6 +30,7 @@ from PIL import Image
 from reslora_diffusers.demo.pokemon_style import base_style_sample, pokemon_style_sample
 from reslora_diffusers.demo.style_score import caption_colour, fill_colour_match, style_score_image
 from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
+from reslora_diffusers.integrations.sd_training import transform_image
 
 
 def snapshot_folders(run: Path) -> list[tuple[str, Path]]:
@@ -76,7 +77,7 @@ def vae_round_trip(base_path: str, n: int, resolution: int) -> dict:
     per_colour, scores = {}, []
     for i in range(n):
         image, caption = pokemon_style_sample(i, 0, resolution)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        x = transform_image(image, resolution, center_crop=True, random_flip=False, rng=None)[None]  # as in training
         y = vae.decode(vae.encode(x).latent_dist.mean).sample[0].clamp(-1, 1)
         decoded = Image.fromarray(((y.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
         scores.append(style_score_image(decoded))
