@@ -24,13 +24,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from reslora_diffusers.demo.pokemon_style import base_style_sample, pokemon_style_sample
 from reslora_diffusers.demo.style_score import caption_colour, fill_colour_match, style_score_image
 from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
-from reslora_diffusers.integrations.sd_training import transform_image
+from reslora_diffusers.demo.vae_check import vae_round_trip
 
 
 def snapshot_folders(run: Path) -> list[tuple[str, Path]]:
@@ -68,24 +67,12 @@ def reference_scores(sample_fn, n: int, resolution: int) -> dict:
     return {"n": n, "min": float(np.min(scores)), "mean": float(np.mean(scores)), "max": float(np.max(scores))}
 
 
-@torch.no_grad()
-def vae_round_trip(base_path: str, n: int, resolution: int) -> dict:
-    """Style score and prompt-colour match of N dataset images after the VAE's encode/decode (posterior mean)."""
+def base_vae_round_trip(base_path: str, n: int, resolution: int) -> dict:
+    """``vae_round_trip`` of the base's VAE, loaded as a user loads it (fp32)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(base_path, subfolder="vae").float().eval()
-    per_colour, scores = {}, []
-    for i in range(n):
-        image, caption = pokemon_style_sample(i, 0, resolution)
-        x = transform_image(image, resolution, center_crop=True, random_flip=False, rng=None)[None]  # as in training
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample[0].clamp(-1, 1)
-        decoded = Image.fromarray(((y.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
-        scores.append(style_score_image(decoded))
-        colour = caption_colour(caption)
-        matched, total = per_colour.get(colour, (0, 0))
-        per_colour[colour] = (matched + int(fill_colour_match(decoded, colour)["match"]), total + 1)
-    return {"n": n, "style_min": float(np.min(scores)), "style_mean": float(np.mean(scores)),
-            "style_max": float(np.max(scores)), "colour_matched": {k: list(v) for k, v in sorted(per_colour.items())}}
+    return vae_round_trip(vae, n, resolution)
 
 
 def markdown(report: dict) -> str:
@@ -119,7 +106,7 @@ def main(argv=None):
     if args.vae_round_trip:
         base = json.loads((args.run / "reslora_run.json").read_text()).get("config", {}).get(
             "pretrained_model_name_or_path") or TINY_BASE_PATH
-        report["vae_round_trip"] = vae_round_trip(base, args.vae_round_trip, resolution)
+        report["vae_round_trip"] = base_vae_round_trip(base, args.vae_round_trip, resolution)
         print("VAE round trip of dataset images:", json.dumps(report["vae_round_trip"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -12,8 +12,11 @@
    names). SD's VAE reconstructs cartoons it was never fine-tuned on; a VAE that never saw thick
    outlines cannot decode them (tried: the base VAE trained on shapes + clutter reconstructs
    pokemon-style images with L1 0.27 of [-1, 1], as blurry blobs). The UNet never sees them;
-2. trains the AutoencoderKL (MSE reconstruction + small KL), sets its scaling_factor from the
-   latent statistics;
+2. trains the AutoencoderKL (MSE reconstruction + small KL + an MSE on the colour differences, so that
+   pastel fills keep their hue), then gates the build on it: 200 pokemon-style dataset images must
+   keep their look through its encode/decode (``reslora_diffusers.demo.vae_check``), or the build stops
+   before the UNet, since no fine-tune of the base could reach a look its decoder cannot draw. Sets the
+   scaling_factor from the latent statistics;
 3. trains the UNet with v-prediction on cached latents, conditioned by the frozen, seeded CLIP text
    encoder (10% caption dropout for classifier-free guidance), with an EMA of its weights;
 4. saves the pipeline with ``save_pretrained``: UNet and VAE in fp16, the text encoder in fp32
@@ -44,8 +47,8 @@ from tqdm.auto import tqdm
 from reslora_diffusers.demo.grids import make_grid
 from reslora_diffusers.demo.pokemon_style import (
     COLOR_NAMES,
+    DEFAULT_SAMPLE_PROMPTS,
     base_style_sample,
-    pokemon_style_sample,
     render_creature,
 )
 from reslora_diffusers.demo.tiny_sd2 import (
@@ -54,12 +57,16 @@ from reslora_diffusers.demo.tiny_sd2 import (
     build_tiny_scheduler,
     write_tiny_tokenizer_files,
 )
+from reslora_diffusers.demo.vae_check import (
+    GATE_COLOUR_FRACTION,
+    GATE_STYLE_MEAN,
+    round_trip_shortfalls,
+    vae_round_trip,
+)
 
 # prompts x seeds grid: the training script's sample prompts first, then more of the caption grammar
 GRID_CAPTIONS = [
-    "a green cartoon creature with big eyes and a long tail",
-    "a pink cartoon creature with small ears",
-    "a blue cartoon creature with wings",
+    *DEFAULT_SAMPLE_PROMPTS,
     "a yellow round cartoon creature with small eyes",
     "an orange cartoon creature with big eyes, pointy ears and little feet",
     "a purple cartoon creature with big eyes, a horn and a light belly",
@@ -164,18 +171,25 @@ def write_grids(pipe, args):
             print(f"wrote {path}")
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-images", type=int, default=6000, help="base-style creature training images")
     ap.add_argument("--num-clutter", type=int, default=1500, help="extra generic images for the VAE")
-    ap.add_argument("--num-outlined", type=int, default=2000,
+    ap.add_argument("--num-outlined", type=int, default=6000,
                     help="extra outlined pastel creatures on white for the VAE (not the UNet)")
-    ap.add_argument("--vae-steps", type=int, default=1600)
+    ap.add_argument("--vae-steps", type=int, default=3000)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-6)
+    ap.add_argument("--chroma-weight", type=float, default=0.5,
+                    help="weight of the extra MSE on the colour-difference channels R-G and (R+G)/2-B")
+    ap.add_argument("--gate-images", type=int, default=200,
+                    help="dataset images the trained VAE must round-trip before the UNet is trained (0: no gate)")
+    ap.add_argument("--gate-colour", type=float, default=GATE_COLOUR_FRACTION,
+                    help="fraction of round-tripped images of every colour word that must keep that colour")
+    ap.add_argument("--gate-style", type=float, default=GATE_STYLE_MEAN, help="minimum mean style score of the round trip")
     ap.add_argument("--unet-steps", type=int, default=2000)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
@@ -191,25 +205,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.grid_only and not (args.grid or args.colour_grid):
         ap.error("--grid-only needs --grid PATH and/or --colour-grid PATH")
+    if not 0 <= args.gate_colour <= 1:
+        ap.error(f"--gate-colour must be a fraction in [0, 1], got {args.gate_colour}")
+    return args
 
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    t_start = time.time()
 
-    from diffusers import StableDiffusionPipeline
-
-    if args.grid_only:
-        pipe = StableDiffusionPipeline.from_pretrained(args.out, local_files_only=True).to(torch.float32)
-        pipe.set_progress_bar_config(disable=True)
-        write_grids(pipe, args)
-        print(f"grids took {time.time() - t_start:.1f}s")
-        return
-
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-
-    # ---- data --------------------------------------------------------------------------------
+def render_data(args):
+    """(base-style images, their captions, VAE training images) as uint8 NCHW tensors."""
     t0 = time.time()
     pairs = [base_style_sample(i, args.seed, TINY_RESOLUTION) for i in range(args.num_images)]
     base_x = to_tensor([p[0] for p in pairs])
@@ -222,20 +224,31 @@ def main(argv=None):
     vae_x = torch.cat([base_x, clutter_x, outlined_x])
     print(f"rendered {len(base_x)} base + {len(clutter_x)} clutter + {len(outlined_x)} outlined images "
           f"in {time.time() - t0:.1f}s", flush=True)
+    return base_x, captions, vae_x
 
-    pipe = build_tiny_pipeline(args.seed)
-    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
 
-    # ---- VAE ---------------------------------------------------------------------------------
+def colour_differences(x: torch.Tensor) -> torch.Tensor:
+    """The colour-difference channels R-G and (R+G)/2-B of an NCHW RGB batch (brightness left out).
+
+    Plain MSE is dominated by the white background and the outlines; pastel fills differ from each other
+    by little in RGB, and a VAE trained on MSE alone decodes pastel green, orange and pink as one pale
+    yellow (tried: 0/33 green, 0/39 orange, 0/26 pink kept their colour in a 200-image round trip).
+    """
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    return torch.stack([r - g, 0.5 * (r + g) - b], 1)
+
+
+def train_vae(vae, vae_x, args, gen):
+    """MSE + small KL + ``--chroma-weight`` x MSE on ``colour_differences``; returns (reconstruction MSE, KL)."""
     # Start with a small posterior std (logvar bias -6): with a unit std the decoder only sees noise
     # at first and, in a short run, learns nothing but a blurry blob (tried: 150 steps gave that).
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels:] -= 6.0
     vae.train()
-    # Plain MSE: with an L1 term (tried: L1 + MSE, 400 steps) the decoder settles on the median, the
-    # background, and reconstructs every shape as a blurry blob in one of two colours.
+    # No L1 term: with L1 + MSE (tried, 400 steps) the decoder settles on the median, the background,
+    # and reconstructs every shape as a blurry blob in one of two colours.
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    vae_hist = []
+    hist = []
     bar = tqdm(range(args.vae_steps), desc="vae", mininterval=2.0)
     for step in bar:
         for g in opt.param_groups:
@@ -248,20 +261,41 @@ def main(argv=None):
         rec_loss = F.mse_loss(rec, x)
         kl = post.kl().mean()
         loss = rec_loss + args.kl_weight * kl
+        if args.chroma_weight:
+            loss = loss + args.chroma_weight * F.mse_loss(colour_differences(rec), colour_differences(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)
         opt.step()
-        vae_hist.append((rec_loss.item(), kl.item()))
+        hist.append(torch.stack([rec_loss.detach(), kl.detach()]))
         if step % 10 == 0:
-            bar.set_postfix(rec=f"{np.mean([h[0] for h in vae_hist[-50:]]):.4f}", kl=f"{kl.item():.0f}")
+            recent = torch.stack(hist[-50:]).mean(0).tolist()
+            bar.set_postfix(rec=f"{recent[0]:.4f}", kl=f"{recent[1]:.0f}")
     bar.close()
-    vae_rec = float(np.mean([h[0] for h in vae_hist[-50:]]))
-    vae_kl = float(np.mean([h[1] for h in vae_hist[-50:]]))
     vae.eval().requires_grad_(False)
+    rec_mse, kl = torch.stack(hist[-50:]).mean(0).tolist()
+    return rec_mse, kl
 
-    # ---- cache latents and text embeddings ----------------------------------------------------
+
+def check_vae(vae, args) -> dict:
+    """Round-trip ``--gate-images`` dataset images; stop the build (before the UNet) if they lose the look."""
+    if not args.gate_images:
+        return {}
     t0 = time.time()
+    result = vae_round_trip(vae, args.gate_images, TINY_RESOLUTION)
+    print(f"VAE round trip of {args.gate_images} pokemon-style images ({time.time() - t0:.1f}s): "
+          f"style {result['style_mean']:.3f} (min {result['style_min']:.3f}); colour kept "
+          + ", ".join(f"{c} {m}/{t}" for c, (m, t) in result["colour_matched"].items()), flush=True)
+    problems = round_trip_shortfalls(result, args.gate_colour, args.gate_style)
+    if problems:
+        raise SystemExit("The trained VAE loses the pokemon-style look, so no fine-tune of this base could reach "
+                         "it: " + "; ".join(problems) + ". Train the VAE longer (--vae-steps), on more outlined "
+                         "creatures (--num-outlined) or with another --chroma-weight; --gate-images 0 skips this.")
+    return result
+
+
+def set_scaling_factor(vae, base_x):
+    """Scaling factor from the base-style latents' spread; returns (posterior means, posterior stds)."""
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(base_x), 256):
@@ -271,45 +305,39 @@ def main(argv=None):
     lat_mean, lat_std = torch.cat(means), torch.cat(stds)
     scaling = float(1.0 / torch.sqrt(lat_mean.var() + (lat_std**2).mean()))
     vae.register_to_config(scaling_factor=scaling)
-    with torch.no_grad():
-        probe = vae.decode(lat_mean[:256]).sample
-        base_rec_l1 = float((probe - as_input(base_x[:256])).abs().mean())
-        # the fine-tuning target goes through this VAE too: report how well it reconstructs it
-        # (the dataset's own images are not in the VAE's training data, only images drawn like them)
-        target_x = as_input(to_tensor([pokemon_style_sample(i, args.seed, TINY_RESOLUTION)[0] for i in range(256)]))
-        target_rec_l1 = float((vae.decode(vae.encode(target_x).latent_dist.mean).sample - target_x).abs().mean())
+    return lat_mean, lat_std
 
+
+def embed_captions(tokenizer, text_encoder, captions):
+    """(embedding of each unique caption + the empty one, caption -> row index, the empty caption's row)."""
     uniq = sorted(set(captions)) + [""]
     with torch.no_grad():
         ids = tokenizer(uniq, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         emb = text_encoder(ids)[0]
-    cap_index = torch.tensor([uniq.index(c) for c in captions])
-    empty_index = len(uniq) - 1
-    print(f"cached latents/embeddings in {time.time() - t0:.1f}s; scaling_factor={scaling:.4f}; "
-          f"reconstruction L1 (of [-1,1]): base style {base_rec_l1:.4f}, pokemon-style {target_rec_l1:.4f}; "
-          f"{len(uniq) - 1} captions", flush=True)
+    return emb, torch.tensor([uniq.index(c) for c in captions]), len(uniq) - 1
 
-    # ---- UNet ----------------------------------------------------------------------------------
+
+def train_unet(unet, lat_mean, lat_std, emb, cap_index, empty_index, args, gen) -> float:
+    """v-prediction on cached (scaled) latents with caption dropout; loads the EMA weights; returns the final loss."""
     noise_sched = build_tiny_scheduler("ddpm")
     unet.train()
     ema = [p.detach().clone() for p in unet.parameters()]
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
-    unet_hist = []
+    hist = []
     bar = tqdm(range(args.unet_steps), desc="unet", mininterval=2.0)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.unet_steps, args.unet_lr, warmup=100)
-        idx = torch.randint(len(base_x), (args.unet_batch,), generator=gen)
-        lat = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling
+        idx = torch.randint(len(lat_mean), (args.unet_batch,), generator=gen)
+        lat = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.unet_batch,), generator=gen)
         noisy = noise_sched.add_noise(lat, noise, t)
         target = noise_sched.get_velocity(lat, noise, t)
         ci = cap_index[idx].clone()
         ci[torch.rand(args.unet_batch, generator=gen) < args.cond_dropout] = empty_index
-        pred = unet(noisy, t, emb[ci]).sample
-        loss = F.mse_loss(pred, target)
+        loss = F.mse_loss(unet(noisy, t, emb[ci]).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -318,39 +346,77 @@ def main(argv=None):
         with torch.no_grad():
             for e, p in zip(ema, unet.parameters()):
                 e.lerp_(p.detach(), 1 - decay)
-        unet_hist.append(loss.item())
+        hist.append(loss.detach())
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(unet_hist[-100:]):.4f}")
+            bar.set_postfix(loss=f"{torch.stack(hist[-100:]).mean():.4f}")
     bar.close()
-    unet_loss = float(np.mean(unet_hist[-100:]))
     with torch.no_grad():
         for e, p in zip(ema, unet.parameters()):
             p.copy_(e)
     unet.eval().requires_grad_(False)
+    return float(torch.stack(hist[-100:]).mean())
 
-    # ---- save ----------------------------------------------------------------------------------
+
+def save_base(pipe, args) -> float:
+    """save_pretrained: UNet/VAE in fp16 (unless --fp32), the text encoder in fp32; returns the size in MB."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe.scheduler = build_tiny_scheduler("ddim")
     save_dtype = torch.float32 if args.fp32 else torch.float16
-    unet.to(save_dtype)
-    vae.to(save_dtype)
-    text_encoder.to(torch.float32)  # fp32: see the module docstring
+    pipe.unet.to(save_dtype)
+    pipe.vae.to(save_dtype)
+    pipe.text_encoder.to(torch.float32)  # fp32: see the module docstring
     pipe.save_pretrained(str(out), safe_serialization=True)
     write_tiny_tokenizer_files(out / "tokenizer")  # the human-readable BPE files next to tokenizer.json
     pipe.to(torch.float32)
+    return sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
 
+
+def load_for_grids(path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    t_start = time.time()
+    if args.grid_only:
+        write_grids(load_for_grids(args.out), args)
+        print(f"grids took {time.time() - t_start:.1f}s")
+        return
+
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    base_x, captions, vae_x = render_data(args)
+    pipe = build_tiny_pipeline(args.seed)
+
+    vae_rec, vae_kl = train_vae(pipe.vae, vae_x, args, gen)
+    if not args.fp32:  # gate and cache latents with the weights as they will be stored
+        pipe.vae.to(torch.float16).to(torch.float32)
+    check_vae(pipe.vae, args)
+
+    t0 = time.time()
+    lat_mean, lat_std = set_scaling_factor(pipe.vae, base_x)
+    emb, cap_index, empty_index = embed_captions(pipe.tokenizer, pipe.text_encoder, captions)
+    print(f"cached latents/embeddings in {time.time() - t0:.1f}s; scaling_factor={pipe.vae.config.scaling_factor:.4f}; "
+          f"{empty_index} captions", flush=True)
+    scaling = pipe.vae.config.scaling_factor
+    unet_loss = train_unet(pipe.unet, lat_mean * scaling, lat_std * scaling, emb, cap_index, empty_index, args, gen)
+
+    size_mb = save_base(pipe, args)
     total = time.time() - t_start
-    size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     print(f"final VAE loss: reconstruction (MSE) {vae_rec:.4f}, KL {vae_kl:.1f}")
     print(f"final UNet loss (v-prediction MSE, mean of last 100 steps): {unet_loss:.4f}")
-    print(f"saved {out} ({size_mb:.1f} MB) ; total time {total:.1f}s ({total / 60:.1f} min)", flush=True)
-
+    print(f"saved {args.out} ({size_mb:.1f} MB) ; total time {total:.1f}s ({total / 60:.1f} min)", flush=True)
     if args.grid or args.colour_grid:
         t0 = time.time()
-        pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True).to(torch.float32)
-        pipe.set_progress_bar_config(disable=True)
-        write_grids(pipe, args)
+        write_grids(load_for_grids(args.out), args)
         print(f"grids took {time.time() - t0:.1f}s")
 
 

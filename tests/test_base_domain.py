@@ -8,9 +8,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from reslora_diffusers.demo.pokemon_style import (
@@ -30,6 +34,14 @@ from reslora_diffusers.demo.style_score import (
     style_scores,
 )
 from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
+from reslora_diffusers.demo.vae_check import (
+    GATE_COLOUR_FRACTION,
+    GATE_STYLE_MEAN,
+    round_trip_shortfalls,
+    vae_round_trip,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 # sha256 over (pixels, caption) of pokemon_style_sample(i, seed, res) for seed in (0, 1), i < n,
 # computed with the renderer as it was before the anatomy/renderer split (commit 03ff659)
@@ -179,3 +191,66 @@ def test_shipped_base_loads_in_stock_diffusers_without_reslora(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["leaked"] == []
     assert result["size"] == [64, 64] and result["std"] > 5
+
+
+class _PixelAutoencoder(torch.nn.Module):
+    """An 'autoencoder' whose latent is the image itself; ``decode`` applies ``colour_map`` (NCHW -> NCHW)."""
+
+    def __init__(self, colour_map=lambda x: x):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device and dtype
+        self.colour_map = colour_map
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=self.colour_map(z))
+
+
+def test_vae_round_trip_of_a_lossless_autoencoder_scores_the_dataset_itself():
+    n = 40
+    result = vae_round_trip(_PixelAutoencoder(), n=n, resolution=64)
+    # independent: score the dataset images directly and count their colour words from the captions
+    pairs = [pokemon_style_sample(i, 0, 64) for i in range(n)]
+    direct = style_scores([im for im, _ in pairs])
+    assert result["style_mean"] == pytest.approx(np.mean(direct), abs=1e-6)
+    assert result["style_min"] == pytest.approx(min(direct), abs=1e-6)
+    counts = Counter(caption_colour(cap) for _, cap in pairs)
+    assert result["colour_matched"] == {c: [k, k] for c, k in sorted(counts.items())}
+    assert round_trip_shortfalls(result, GATE_COLOUR_FRACTION, GATE_STYLE_MEAN) == []
+
+
+def test_vae_round_trip_catches_a_decoder_that_shifts_colours():
+    # swapping red and blue turns pastel blue into orange-ish and orange into blue, keeps the outlines
+    result = vae_round_trip(_PixelAutoencoder(lambda x: x[:, [2, 1, 0]]), n=40, resolution=64)
+    assert result["colour_matched"]["blue"][0] == 0 and result["colour_matched"]["orange"][0] == 0
+    problems = round_trip_shortfalls(result, GATE_COLOUR_FRACTION, GATE_STYLE_MEAN)
+    assert any(p.startswith("blue: 0/") for p in problems) and any(p.startswith("orange: 0/") for p in problems)
+    # a washed-out decoder (everything halfway to white) loses the outlines: the style bar names it
+    faded = vae_round_trip(_PixelAutoencoder(lambda x: 0.5 * x + 0.5), n=20, resolution=64)
+    assert any(p.startswith("style score mean") for p in round_trip_shortfalls(faded, 0.0, GATE_STYLE_MEAN))
+
+
+def test_shipped_base_vae_passes_the_build_gate():
+    """The shipped VAE keeps the dataset's look (every colour word, outlines) as the build required."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(TINY_BASE_PATH, subfolder="vae").float().eval()
+    result = vae_round_trip(vae, n=200, resolution=64)
+    assert round_trip_shortfalls(result, GATE_COLOUR_FRACTION, GATE_STYLE_MEAN) == [], result
+
+
+def test_base_build_stops_before_the_unet_when_the_vae_fails_the_gate(tmp_path):
+    # 4 VAE steps cannot keep any colour: the build must say so and write nothing
+    out = tmp_path / "base"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_tiny_base.py"), "--out", str(out), "--vae-steps", "4",
+         "--unet-steps", "4", "--num-images", "32", "--num-clutter", "8", "--num-outlined", "8", "--gate-images", "12",
+         "--threads", "1"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert proc.returncode != 0
+    assert "The trained VAE loses the pokemon-style look" in proc.stderr and "--vae-steps" in proc.stderr
+    assert "VAE round trip of 12 pokemon-style images" in proc.stdout
+    assert "unet:" not in proc.stderr  # the UNet's progress bar never started
+    assert not out.exists()
