@@ -13,7 +13,8 @@
    outlines cannot decode them (tried: the base VAE trained on shapes + clutter reconstructs
    pokemon-style images with L1 0.27 of [-1, 1], as blurry blobs). The UNet never sees them;
 2. trains the AutoencoderKL (MSE reconstruction + small KL + an MSE on the colour differences, so that
-   pastel fills keep their hue), then gates the build on it: 200 pokemon-style dataset images must
+   pastel fills keep their hue) in two stages, outlines first, then colours (see ``train_vae``), then
+   gates the build on it: 200 pokemon-style dataset images must
    keep their look through its encode/decode (``reslora_diffusers.demo.vae_check``), or the build stops
    before the UNet, since no fine-tune of the base could reach a look its decoder cannot draw. Sets the
    scaling_factor from the latent statistics;
@@ -179,12 +180,17 @@ def parse_args(argv=None):
     ap.add_argument("--num-clutter", type=int, default=1500, help="extra generic images for the VAE")
     ap.add_argument("--num-outlined", type=int, default=6000,
                     help="extra outlined pastel creatures on white for the VAE (not the UNet)")
-    ap.add_argument("--vae-steps", type=int, default=3000)
+    ap.add_argument("--vae-steps", type=int, default=1600)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-6)
-    ap.add_argument("--chroma-weight", type=float, default=0.5,
+    ap.add_argument("--colour-weight", type=float, default=0.5,
                     help="weight of the extra MSE on the colour-difference channels R-G and (R+G)/2-B")
+    ap.add_argument("--colour-stage-steps", type=int, default=500,
+                    help="then train the VAE this many steps more on the creatures only (base style and outlined), "
+                         "with --colour-stage-weight, so that neighbouring pastels (orange/yellow, pink) separate")
+    ap.add_argument("--colour-stage-lr", type=float, default=3e-4)
+    ap.add_argument("--colour-stage-weight", type=float, default=2.0)
     ap.add_argument("--gate-images", type=int, default=200,
                     help="dataset images the trained VAE must round-trip before the UNet is trained (0: no gate)")
     ap.add_argument("--gate-colour", type=float, default=GATE_COLOUR_FRACTION,
@@ -211,7 +217,7 @@ def parse_args(argv=None):
 
 
 def render_data(args):
-    """(base-style images, their captions, VAE training images) as uint8 NCHW tensors."""
+    """(base-style images, their captions, clutter, outlined creatures); images as uint8 NCHW tensors."""
     t0 = time.time()
     pairs = [base_style_sample(i, args.seed, TINY_RESOLUTION) for i in range(args.num_images)]
     base_x = to_tensor([p[0] for p in pairs])
@@ -221,10 +227,9 @@ def render_data(args):
     orng = f"vae-outlined-{args.seed}"  # not the dataset's rng names
     outlined_x = to_tensor([render_creature(random.Random(f"{orng}-{i}"), TINY_RESOLUTION)[0]
                             for i in range(args.num_outlined)])
-    vae_x = torch.cat([base_x, clutter_x, outlined_x])
     print(f"rendered {len(base_x)} base + {len(clutter_x)} clutter + {len(outlined_x)} outlined images "
           f"in {time.time() - t0:.1f}s", flush=True)
-    return base_x, captions, vae_x
+    return base_x, captions, clutter_x, outlined_x
 
 
 def colour_differences(x: torch.Tensor) -> torch.Tensor:
@@ -238,21 +243,17 @@ def colour_differences(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([r - g, 0.5 * (r + g) - b], 1)
 
 
-def train_vae(vae, vae_x, args, gen):
-    """MSE + small KL + ``--chroma-weight`` x MSE on ``colour_differences``; returns (reconstruction MSE, KL)."""
-    # Start with a small posterior std (logvar bias -6): with a unit std the decoder only sees noise
-    # at first and, in a short run, learns nothing but a blurry blob (tried: 150 steps gave that).
-    with torch.no_grad():
-        vae.quant_conv.bias[vae.config.latent_channels:] -= 6.0
-    vae.train()
+def train_vae_stage(vae, vae_x, steps, lr, colour_weight, args, gen, desc):
+    """MSE + small KL + ``colour_weight`` x MSE on ``colour_differences``; returns (reconstruction MSE, KL)."""
+    vae.train().requires_grad_(True)
     # No L1 term: with L1 + MSE (tried, 400 steps) the decoder settles on the median, the background,
     # and reconstructs every shape as a blurry blob in one of two colours.
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     hist = []
-    bar = tqdm(range(args.vae_steps), desc="vae", mininterval=2.0)
+    bar = tqdm(range(steps), desc=desc, mininterval=2.0)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=20)
+            g["lr"] = lr_at(step, steps, lr, warmup=20)
         idx = torch.randint(len(vae_x), (args.vae_batch,), generator=gen)
         x = as_input(vae_x[idx])
         post = vae.encode(x).latent_dist
@@ -261,8 +262,8 @@ def train_vae(vae, vae_x, args, gen):
         rec_loss = F.mse_loss(rec, x)
         kl = post.kl().mean()
         loss = rec_loss + args.kl_weight * kl
-        if args.chroma_weight:
-            loss = loss + args.chroma_weight * F.mse_loss(colour_differences(rec), colour_differences(x))
+        if colour_weight:
+            loss = loss + colour_weight * F.mse_loss(colour_differences(rec), colour_differences(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)
@@ -277,6 +278,26 @@ def train_vae(vae, vae_x, args, gen):
     return rec_mse, kl
 
 
+def train_vae(vae, base_x, clutter_x, outlined_x, args, gen):
+    """Two stages: all images with ``--colour-weight``, then the creatures only with ``--colour-stage-weight``.
+
+    One stage with a high colour weight from the start (tried: 2.0, 1600 steps) keeps the pastels but
+    erases the outlines (round-trip style score 0.35); one stage at 0.5 keeps the outlines but pulls
+    neighbouring pastels together (orange 16/39 or yellow 24/31 kept their colour, depending on the run
+    length). Outlines first, then colours, keeps both. Returns the last stage's (reconstruction MSE, KL).
+    """
+    # Start with a small posterior std (logvar bias -6): with a unit std the decoder only sees noise
+    # at first and, in a short run, learns nothing but a blurry blob (tried: 150 steps gave that).
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels:] -= 6.0
+    losses = train_vae_stage(vae, torch.cat([base_x, clutter_x, outlined_x]), args.vae_steps, args.vae_lr,
+                             args.colour_weight, args, gen, "vae")
+    if args.colour_stage_steps:
+        losses = train_vae_stage(vae, torch.cat([base_x, outlined_x]), args.colour_stage_steps, args.colour_stage_lr,
+                                 args.colour_stage_weight, args, gen, "vae colours")
+    return losses
+
+
 def check_vae(vae, args) -> dict:
     """Round-trip ``--gate-images`` dataset images; stop the build (before the UNet) if they lose the look."""
     if not args.gate_images:
@@ -289,8 +310,8 @@ def check_vae(vae, args) -> dict:
     problems = round_trip_shortfalls(result, args.gate_colour, args.gate_style)
     if problems:
         raise SystemExit("The trained VAE loses the pokemon-style look, so no fine-tune of this base could reach "
-                         "it: " + "; ".join(problems) + ". Train the VAE longer (--vae-steps), on more outlined "
-                         "creatures (--num-outlined) or with another --chroma-weight; --gate-images 0 skips this.")
+                         "it: " + "; ".join(problems) + ". Train the VAE longer (--vae-steps, --colour-stage-steps), on more "
+                         "outlined creatures (--num-outlined) or with other colour weights; --gate-images 0 skips this.")
     return result
 
 
@@ -393,10 +414,10 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    base_x, captions, vae_x = render_data(args)
+    base_x, captions, clutter_x, outlined_x = render_data(args)
     pipe = build_tiny_pipeline(args.seed)
 
-    vae_rec, vae_kl = train_vae(pipe.vae, vae_x, args, gen)
+    vae_rec, vae_kl = train_vae(pipe.vae, base_x, clutter_x, outlined_x, args, gen)
     if not args.fp32:  # gate and cache latents with the weights as they will be stored
         pipe.vae.to(torch.float16).to(torch.float32)
     check_vae(pipe.vae, args)
