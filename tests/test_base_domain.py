@@ -246,7 +246,7 @@ def test_base_build_stops_before_the_unet_when_the_vae_fails_the_gate(tmp_path):
     out = tmp_path / "base"
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "build_tiny_base.py"), "--out", str(out), "--vae-steps", "4",
-         "--unet-steps", "4", "--num-images", "32", "--num-clutter", "8", "--num-outlined", "8", "--gate-images", "12",
+         "--colour-stage-steps", "2", "--unet-steps", "4", "--num-images", "32", "--num-clutter", "8", "--num-outlined", "8", "--gate-images", "12",
          "--threads", "1"],
         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert proc.returncode != 0
