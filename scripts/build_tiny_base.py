@@ -52,6 +52,7 @@ from reslora_diffusers.demo.pokemon_style import (
     base_style_sample,
     render_creature,
 )
+from reslora_diffusers.demo.style_score import caption_colour, fill_colour_match, style_score_image
 from reslora_diffusers.demo.tiny_sd2 import (
     TINY_RESOLUTION,
     build_tiny_pipeline,
@@ -137,14 +138,18 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) 
 
 @torch.no_grad()
 def sample_grid(pipe, captions=GRID_CAPTIONS, seeds=(0, 1, 2, 3, 4), steps: int = 20, guidance: float = 3.0):
-    rows = []
+    rows, matches, styles = [], [], []
     for cap in captions:
         row = []
         for s in seeds:
             g = torch.Generator().manual_seed(s)
             row.append(pipe(cap, num_inference_steps=steps, guidance_scale=guidance, generator=g,
                             height=TINY_RESOLUTION, width=TINY_RESOLUTION).images[0])
+            matches.append(fill_colour_match(row[-1], caption_colour(cap))["match"])
+            styles.append(style_score_image(row[-1]))
         rows.append(row)
+    print(f"grid samples: {sum(matches)}/{len(matches)} keep the prompt's colour; style score "
+          f"{min(styles):.3f}-{max(styles):.3f} (mean {np.mean(styles):.3f})", flush=True)
     return make_grid(rows, captions, [f"seed {s}" for s in seeds])
 
 
