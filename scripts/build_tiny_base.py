@@ -32,6 +32,7 @@ import argparse
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -384,17 +385,27 @@ def train_unet(unet, lat_mean, lat_std, emb, cap_index, empty_index, args, gen) 
 
 
 def save_base(pipe, args) -> float:
-    """save_pretrained: UNet/VAE in fp16 (unless --fp32), the text encoder in fp32; returns the size in MB."""
+    """save_pretrained: UNet/VAE in fp16 (unless --fp32), the text encoder in fp32; returns the size in MB.
+
+    Writes a sibling ``.partial`` folder and renames it into place, so a crash or Ctrl-C while saving
+    leaves the previous base (or nothing), never a half-written one.
+    """
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    partial, previous = out.with_name(out.name + ".partial"), out.with_name(out.name + ".previous")
+    shutil.rmtree(partial, ignore_errors=True)
     pipe.scheduler = build_tiny_scheduler("ddim")
     save_dtype = torch.float32 if args.fp32 else torch.float16
     pipe.unet.to(save_dtype)
     pipe.vae.to(save_dtype)
     pipe.text_encoder.to(torch.float32)  # fp32: see the module docstring
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    write_tiny_tokenizer_files(out / "tokenizer")  # the human-readable BPE files next to tokenizer.json
+    pipe.save_pretrained(str(partial), safe_serialization=True)
+    write_tiny_tokenizer_files(partial / "tokenizer")  # the human-readable BPE files next to tokenizer.json
     pipe.to(torch.float32)
+    if out.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        out.rename(previous)
+    partial.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
     return sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
 
 
