@@ -130,13 +130,15 @@ def _hsv(h, s, v):
 
 
 def test_fill_colour_match_on_images_of_known_colour():
-    # independent expectation: discs of a known hue, pastel or saturated, outlined on white or
-    # plain on a coloured background far in hue; each reference hue +-10 degrees names itself
+    # independent expectation: discs of a known hue, pastel or saturated, outlined on white, or plain on
+    # a coloured background far in hue or of the same hue but darker; each reference hue +-10 degrees
+    # names itself
     for name in COLOR_NAMES:
         h = COLOUR_HUES[name]
         for dh in (-10, 0, 10):
             for fill, bg, outline in ((_hsv(h + dh, 0.35, 1.0), (255, 255, 255), (20, 20, 20)),
-                                      (_hsv(h + dh, 0.9, 0.9), _hsv(h + 180, 0.8, 0.5), None)):
+                                      (_hsv(h + dh, 0.9, 0.9), _hsv(h + 180, 0.8, 0.5), None),
+                                      (_hsv(h + dh, 0.9, 0.9), _hsv(h, 0.7, 0.35), None)):  # same hue, darker
                 r = fill_colour_match(_disc(fill, bg, outline), name)
                 assert r["match"] and r["nearest"] == name and r["fraction"] > 0.95, (name, dh, r)
                 others = [n for n in COLOR_NAMES if n != name]
@@ -150,7 +152,7 @@ def test_fill_colour_match_on_images_of_known_colour():
 def test_fill_colour_match_on_rendered_creatures():
     for sample in (pokemon_style_sample, base_style_sample):
         fractions = []
-        for i in range(60):
+        for i in range(100):  # includes creatures whose feet and ears reach into the border strip
             im, cap = sample(i, 0, 64)
             r = fill_colour_match(im, caption_colour(cap))
             assert r["match"], (sample.__name__, i, cap, r)

@@ -102,7 +102,26 @@ COLOUR_HUES = {
 }
 FILL_MIN_SATURATION = 0.15  # HSV saturation below this is white/grey/black, not a fill
 FILL_MARGIN = 1 / 8  # border strip (fraction of the side) left out of the fill region
-BACKGROUND_HUE_EXCLUSION = 35.0  # degrees: on a coloured background, pixels this close to its hue are background
+WHITE_MIN = 200  # a pixel with every channel >= this is white (background of the dataset style)
+BACKGROUND_RGB_EXCLUSION = 40.0  # on a coloured background, pixels this close (RGB) to a border colour are background
+BACKGROUND_MIN_SHARE = 0.03  # a border colour bin must hold this share of the border's pixels to be background
+
+
+def _background_colours(arr: np.ndarray, border: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """The distinct colours of ``border`` pixels that are common in the border strip, and more so than inside.
+
+    Creatures can reach into the border strip (ears, feet, wings); their colours are more common inside,
+    and their anti-aliased edges are rare, so neither is taken for background. Colours are compared in
+    bins of 8 levels per channel; a bin must hold ``BACKGROUND_MIN_SHARE`` of the border's pixels.
+    """
+    keys = (arr // 8).astype(np.int64)
+    keys = (keys[..., 0] * 32 + keys[..., 1]) * 32 + keys[..., 2]
+    k_border, n_border = np.unique(keys[border], return_counts=True)
+    inner_count = dict(zip(*np.unique(keys[inner], return_counts=True)))
+    frac_inner = np.asarray([inner_count.get(k, 0) for k in k_border.tolist()]) / inner.sum()
+    frac_border = n_border / border.sum()
+    bg_keys = k_border[(frac_border > frac_inner) & (frac_border >= BACKGROUND_MIN_SHARE)]
+    return np.unique(arr[border & np.isin(keys, bg_keys)], axis=0)
 
 
 def fill_pixels(image) -> np.ndarray:
@@ -111,10 +130,10 @@ def fill_pixels(image) -> np.ndarray:
     A pixel is a fill pixel if it is neither near-black (max channel < ``DARK_THRESHOLD``: outline,
     pupils) nor unsaturated (HSV saturation < ``FILL_MIN_SATURATION``: white background, eye whites,
     greys), and lies inside the central region (a ``FILL_MARGIN`` border strip is left out). If the
-    border strip is mostly saturated, the background is coloured (the base style): its hue is the
-    circular mean hue of the border's saturated pixels, and pixels within ``BACKGROUND_HUE_EXCLUSION``
-    degrees of it count as background, not fill. (The base style keeps the background >= 80 degrees
-    of hue away from the fill and its patterns within +-20 degrees of one hue.)
+    border strip is mostly neither white nor dark, the background is coloured or grey (the base style):
+    pixels within ``BACKGROUND_RGB_EXCLUSION`` (RGB euclidean) of a colour of those border pixels count
+    as background, not fill. Unlike a hue-based test, this keeps a fill of the background's hue but
+    another lightness or saturation (a pink creature on dark magenta, or on a pink-tinted white).
     """
     arr = _as_array(image)
     n = arr.shape[0]
@@ -125,10 +144,15 @@ def fill_pixels(image) -> np.ndarray:
     inner = np.zeros((n, n), dtype=bool)
     inner[m:n - m, m:n - m] = True
     keep = coloured & inner
-    border = coloured & ~inner
+    border = ~inner & (mx >= DARK_THRESHOLD) & (mn < WHITE_MIN)  # neither dark nor white: coloured or grey
     if border.sum() > 0.5 * (~inner).sum():
-        bg_hue = _circular_mean_deg(_hue_deg(arr[border]))
-        keep &= _hue_dist(_hue_deg(arr.reshape(-1, 3)).reshape(n, n), bg_hue) >= BACKGROUND_HUE_EXCLUSION
+        bg = _background_colours(arr, border, inner)
+        cand = arr[keep]
+        near_bg = np.zeros(len(cand), dtype=bool)
+        for i in range(0, len(bg), 256):  # chunks: at most 256 x 2304 distances at a time
+            d2 = ((cand[:, None, :] - bg[None, i:i + 256, :]) ** 2).sum(-1)
+            near_bg |= (d2 < BACKGROUND_RGB_EXCLUSION ** 2).any(axis=1)
+        keep[keep] = ~near_bg
     return arr[keep]
 
 
