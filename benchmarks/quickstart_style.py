@@ -15,6 +15,11 @@ the dataset (``pokemon-style``) and of the base's pretraining style, at the run'
 
 ``--vae_round_trip N`` also encodes and decodes N dataset images with the run's base VAE (the embedded base's
 unless the run names another): the look a fine-tune can reach at best, per colour word.
+
+``--colour_sweep N`` also loads the base and the run's exported LoRA as a user does (stock
+``StableDiffusionPipeline`` + ``load_lora_weights``) and samples every colour word, not only the sample
+prompts', in ``COLOUR_SWEEP_TEMPLATE`` at seeds 0..N-1 (the run's resolution and guidance, 20 steps):
+how many samples keep the prompt's colour, per colour word, before and after the fine-tune.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reslora_diffusers.demo.pokemon_style import base_style_sample, pokemon_style_sample
+from reslora_diffusers.demo.pokemon_style import COLOR_NAMES, base_style_sample, pokemon_style_sample
 from reslora_diffusers.demo.style_score import caption_colour, fill_colour_match, style_score_image
 from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
 from reslora_diffusers.demo.vae_check import vae_round_trip
@@ -75,6 +80,55 @@ def base_vae_round_trip(base_path: str, n: int, resolution: int) -> dict:
     return vae_round_trip(vae, n, resolution)
 
 
+#: the colour sweep's prompt: the second default sample prompt, with each colour word in turn
+COLOUR_SWEEP_TEMPLATE = "a {} cartoon creature with big eyes and round ears"
+
+
+def run_config(run: Path) -> dict:
+    return json.loads((run / "reslora_run.json").read_text()).get("config", {})
+
+
+def colour_sweep(run: Path, num_seeds: int, resolution: int) -> dict:
+    """Per colour word: samples (of ``num_seeds``) that keep the prompt's colour, and their mean style
+    score, for the base ("base") and the base + the run's export ("export")."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    config = run_config(run)
+    pipe = StableDiffusionPipeline.from_pretrained(config.get("pretrained_model_name_or_path") or TINY_BASE_PATH)
+    pipe.set_progress_bar_config(disable=True)
+    guidance = config.get("sample_guidance_scale", 4.0)
+
+    def sweep() -> dict:
+        out = {}
+        for colour in COLOR_NAMES:
+            kept, styles = 0, []
+            for seed in range(num_seeds):
+                image = pipe(COLOUR_SWEEP_TEMPLATE.format(colour), num_inference_steps=20, guidance_scale=guidance,
+                             height=resolution, width=resolution,
+                             generator=torch.Generator().manual_seed(seed)).images[0]
+                kept += fill_colour_match(image, colour)["match"]
+                styles.append(style_score_image(image))
+            out[colour] = {"kept": kept, "of": num_seeds, "style_mean": float(np.mean(styles))}
+        return out
+
+    result = {"template": COLOUR_SWEEP_TEMPLATE, "seeds": num_seeds, "guidance": guidance, "base": sweep()}
+    pipe.load_lora_weights(str(run))
+    result["export"] = sweep()
+    return result
+
+
+def sweep_markdown(sweep: dict) -> str:
+    lines = ["| colour word | base: colour kept | export: colour kept | export: style (mean) |", "|---|---|---|---|"]
+    for colour in COLOR_NAMES:
+        b, e = sweep["base"][colour], sweep["export"][colour]
+        lines.append(f"| {colour} | {b['kept']}/{b['of']} | {e['kept']}/{e['of']} | {e['style_mean']:.2f} |")
+    total = lambda part: sum(v["kept"] for v in sweep[part].values())  # noqa: E731
+    n = sweep["seeds"] * len(COLOR_NAMES)
+    lines.append(f"| all | {total('base')}/{n} | {total('export')}/{n} | |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
     lines = ["| snapshot | style score (mean) | per sample | prompt colour matched |", "|---|---|---|---|"]
     for label, m in report["snapshots"].items():
@@ -94,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, default=None, help="also write the full report here")
     ap.add_argument("--vae_round_trip", type=int, default=0, metavar="N",
                     help="also round-trip N dataset images through the base's VAE")
+    ap.add_argument("--colour_sweep", type=int, default=0, metavar="N",
+                    help="also sample every colour word at seeds 0..N-1 from the base and the export")
     args = ap.parse_args(argv)
     folders = snapshot_folders(args.run)
     first = next(folders[0][1].glob("prompt-*.png"))
@@ -104,10 +160,12 @@ def main(argv=None):
               "base_style": reference_scores(base_style_sample, args.num_reference, resolution)}
     print(markdown(report))
     if args.vae_round_trip:
-        base = json.loads((args.run / "reslora_run.json").read_text()).get("config", {}).get(
-            "pretrained_model_name_or_path") or TINY_BASE_PATH
+        base = run_config(args.run).get("pretrained_model_name_or_path") or TINY_BASE_PATH
         report["vae_round_trip"] = base_vae_round_trip(base, args.vae_round_trip, resolution)
         print("VAE round trip of dataset images:", json.dumps(report["vae_round_trip"]))
+    if args.colour_sweep:
+        report["colour_sweep"] = colour_sweep(args.run, args.colour_sweep, resolution)
+        print(sweep_markdown(report["colour_sweep"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return report

@@ -291,3 +291,29 @@ def test_script_refuses_sharded_modes_before_training(monkeypatch, capsys):
 
     monkeypatch.setattr(distributed, "check_distributed_mode", refuse)  # reached through check_training_setup
     assert "Supported modes" in cli_error(["--report_to", "none"], capsys)
+
+
+def test_quickstart_style_colour_sweep_loads_the_export_like_a_user(runs, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from benchmarks import quickstart_style
+    from reslora_diffusers.demo.pokemon_style import COLOR_NAMES
+    from reslora_diffusers.demo.style_score import fill_colour_match, style_score_image
+    from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
+
+    run_dir = runs["none"]
+    report = quickstart_style.main([str(run_dir), "--num_reference", "4", "--colour_sweep", "1",
+                                    "--json", str(tmp_path / "r.json")])
+    sweep = json.loads((tmp_path / "r.json").read_text())["colour_sweep"]
+    assert sweep == json.loads(json.dumps(report["colour_sweep"]))
+    assert sorted(sweep["base"]) == sorted(sweep["export"]) == sorted(COLOR_NAMES)
+    # independently: the export's pink sample, generated here with stock diffusers and the same settings
+    pipe = StableDiffusionPipeline.from_pretrained(TINY_BASE_PATH)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(run_dir))
+    image = pipe(quickstart_style.COLOUR_SWEEP_TEMPLATE.format("pink"), num_inference_steps=20,
+                 guidance_scale=sweep["guidance"], height=report["resolution"], width=report["resolution"],
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert sweep["export"]["pink"]["kept"] == int(fill_colour_match(image, "pink")["match"])
+    assert sweep["export"]["pink"]["style_mean"] == pytest.approx(style_score_image(image), abs=1e-6)
+    assert sweep["export"]["pink"]["of"] == 1
