@@ -114,14 +114,12 @@ def _background_colours(arr: np.ndarray, border: np.ndarray, inner: np.ndarray) 
     and their anti-aliased edges are rare, so neither is taken for background. Colours are compared in
     bins of 8 levels per channel; a bin must hold ``BACKGROUND_MIN_SHARE`` of the border's pixels.
     """
-    keys = (arr // 8).astype(np.int64)
-    keys = (keys[..., 0] * 32 + keys[..., 1]) * 32 + keys[..., 2]
-    k_border, n_border = np.unique(keys[border], return_counts=True)
-    inner_count = dict(zip(*np.unique(keys[inner], return_counts=True)))
-    frac_inner = np.asarray([inner_count.get(k, 0) for k in k_border.tolist()]) / inner.sum()
-    frac_border = n_border / border.sum()
-    bg_keys = k_border[(frac_border > frac_inner) & (frac_border >= BACKGROUND_MIN_SHARE)]
-    return np.unique(arr[border & np.isin(keys, bg_keys)], axis=0)
+    q = (arr // 8).astype(np.int64)
+    keys = (q[..., 0] * 32 + q[..., 1]) * 32 + q[..., 2]
+    share_border = np.bincount(keys[border], minlength=32**3) / border.sum()
+    share_inner = np.bincount(keys[inner], minlength=32**3) / inner.sum()
+    is_bg = (share_border > share_inner) & (share_border >= BACKGROUND_MIN_SHARE)
+    return np.unique(arr[border & is_bg[keys]], axis=0)
 
 
 def fill_pixels(image) -> np.ndarray:
@@ -133,7 +131,7 @@ def fill_pixels(image) -> np.ndarray:
     border strip is mostly neither white nor dark, the background is coloured or grey (the base style):
     pixels within ``BACKGROUND_RGB_EXCLUSION`` (RGB euclidean) of a colour of those border pixels count
     as background, not fill. Unlike a hue-based test, this keeps a fill of the background's hue but
-    another lightness or saturation (a pink creature on dark magenta, or on a pink-tinted white).
+    another lightness or saturation (a pink creature on dark magenta).
     """
     arr = _as_array(image)
     n = arr.shape[0]
