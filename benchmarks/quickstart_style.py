@@ -18,7 +18,7 @@ unless the run names another): the look a fine-tune can reach at best, per colou
 
 ``--colour_sweep N`` also loads the base and the run's exported LoRA as a user does (stock
 ``StableDiffusionPipeline`` + ``load_lora_weights``) and samples every colour word, not only the sample
-prompts', in ``COLOUR_SWEEP_TEMPLATE`` at seeds 0..N-1 (the run's resolution and guidance, 20 steps):
+prompts', in ``colour_sweep_prompt`` at seeds 0..N-1 (the run's resolution and guidance, 20 steps):
 how many samples keep the prompt's colour, per colour word, before and after the fine-tune.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reslora_diffusers.demo.pokemon_style import COLOR_NAMES, base_style_sample, pokemon_style_sample
+from reslora_diffusers.demo.pokemon_style import COLOR_NAMES, base_style_sample, pokemon_style_sample, with_article
 from reslora_diffusers.demo.style_score import caption_colour, fill_colour_match, style_score_image
 from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
 from reslora_diffusers.demo.vae_check import vae_round_trip
@@ -80,8 +80,13 @@ def base_vae_round_trip(base_path: str, n: int, resolution: int) -> dict:
     return vae_round_trip(vae, n, resolution)
 
 
-#: the colour sweep's prompt: the second default sample prompt, with each colour word in turn
-COLOUR_SWEEP_TEMPLATE = "a {} cartoon creature with big eyes and round ears"
+#: the colour sweep's prompt: the second default sample prompt, with each colour word (and its article) in turn
+COLOUR_SWEEP_TEMPLATE = "{} cartoon creature with big eyes and round ears"
+
+
+def colour_sweep_prompt(colour: str) -> str:
+    """The sweep's prompt for ``colour``, in the captions' grammar ("an orange ...", never "a orange ...")."""
+    return COLOUR_SWEEP_TEMPLATE.format(with_article(colour))
 
 
 def run_config(run: Path) -> dict:
@@ -104,7 +109,7 @@ def colour_sweep(run: Path, num_seeds: int, resolution: int) -> dict:
         for colour in COLOR_NAMES:
             kept, styles = 0, []
             for seed in range(num_seeds):
-                image = pipe(COLOUR_SWEEP_TEMPLATE.format(colour), num_inference_steps=20, guidance_scale=guidance,
+                image = pipe(colour_sweep_prompt(colour), num_inference_steps=20, guidance_scale=guidance,
                              height=resolution, width=resolution,
                              generator=torch.Generator().manual_seed(seed)).images[0]
                 kept += fill_colour_match(image, colour)["match"]
@@ -112,7 +117,8 @@ def colour_sweep(run: Path, num_seeds: int, resolution: int) -> dict:
             out[colour] = {"kept": kept, "of": num_seeds, "style_mean": float(np.mean(styles))}
         return out
 
-    result = {"template": COLOUR_SWEEP_TEMPLATE, "seeds": num_seeds, "guidance": guidance, "base": sweep()}
+    result = {"prompts": {c: colour_sweep_prompt(c) for c in COLOR_NAMES}, "seeds": num_seeds, "guidance": guidance,
+              "base": sweep()}
     pipe.load_lora_weights(str(run))
     result["export"] = sweep()
     return result

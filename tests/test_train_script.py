@@ -297,7 +297,7 @@ def test_quickstart_style_colour_sweep_loads_the_export_like_a_user(runs, tmp_pa
     from diffusers import StableDiffusionPipeline
 
     from benchmarks import quickstart_style
-    from reslora_diffusers.demo.pokemon_style import COLOR_NAMES
+    from reslora_diffusers.demo.pokemon_style import COLOR_NAMES, pokemon_style_sample
     from reslora_diffusers.demo.style_score import fill_colour_match, style_score_image
     from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
 
@@ -307,13 +307,19 @@ def test_quickstart_style_colour_sweep_loads_the_export_like_a_user(runs, tmp_pa
     sweep = json.loads((tmp_path / "r.json").read_text())["colour_sweep"]
     assert sweep == json.loads(json.dumps(report["colour_sweep"]))
     assert sorted(sweep["base"]) == sorted(sweep["export"]) == sorted(COLOR_NAMES)
-    # independently: the export's pink sample, generated here with stock diffusers and the same settings
+    # each prompt opens as the dataset's captions of that colour do ("an orange", not "a orange", which the
+    # base never saw in training)
+    openings = {tuple(caption.split()[:2]) for caption in (pokemon_style_sample(i, 0, 32)[1] for i in range(200))}
+    for colour in COLOR_NAMES:
+        words = sweep["prompts"][colour].split()
+        assert words[1] == colour and tuple(words[:2]) in openings, sweep["prompts"][colour]
+    # independently: the export's orange sample, generated here with stock diffusers and the same settings
     pipe = StableDiffusionPipeline.from_pretrained(TINY_BASE_PATH)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(run_dir))
-    image = pipe(quickstart_style.COLOUR_SWEEP_TEMPLATE.format("pink"), num_inference_steps=20,
+    image = pipe("an orange cartoon creature with big eyes and round ears", num_inference_steps=20,
                  guidance_scale=sweep["guidance"], height=report["resolution"], width=report["resolution"],
                  generator=torch.Generator().manual_seed(0)).images[0]
-    assert sweep["export"]["pink"]["kept"] == int(fill_colour_match(image, "pink")["match"])
-    assert sweep["export"]["pink"]["style_mean"] == pytest.approx(style_score_image(image), abs=1e-6)
-    assert sweep["export"]["pink"]["of"] == 1
+    assert sweep["export"]["orange"]["kept"] == int(fill_colour_match(image, "orange")["match"])
+    assert sweep["export"]["orange"]["style_mean"] == pytest.approx(style_score_image(image), abs=1e-6)
+    assert sweep["export"]["orange"]["of"] == 1

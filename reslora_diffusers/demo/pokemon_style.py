@@ -78,6 +78,11 @@ def _darker(c, amount=0.18):
     return tuple(int(v * (1 - amount)) for v in c)
 
 
+def with_article(word: str) -> str:
+    """``word`` after the captions' indefinite article: "a green", "an orange"."""
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 def sample_anatomy(rng: random.Random) -> dict:
     """Sample one creature's anatomy and caption (shared by both styles).
 
@@ -125,12 +130,11 @@ def sample_anatomy(rng: random.Random) -> dict:
     if a["mouth"] == "smile" and len(features) < 3:
         features.append("a smile")
     body = "round cartoon creature" if not a["has_head"] and rng.random() < 0.5 else "cartoon creature"
-    article = "an" if a["color"][0] in "aeiou" else "a"
     if len(features) == 1:
         tail_text = features[0]
     else:
         tail_text = ", ".join(features[:-1]) + " and " + features[-1]
-    a["caption"] = f"{article} {a['color']} {body} with {tail_text}"
+    a["caption"] = f"{with_article(a['color'])} {body} with {tail_text}"
     return a
 
 
