@@ -256,3 +256,46 @@ def test_base_build_stops_before_the_unet_when_the_vae_fails_the_gate(tmp_path):
     assert "VAE round trip of 12 pokemon-style images" in proc.stdout
     assert "unet:" not in proc.stderr  # the UNet's progress bar never started
     assert not out.exists()
+
+
+def _load_build_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_tiny_base", REPO / "scripts" / "build_tiny_base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FakePipe:
+    """Stands in for the pipeline in ``save_base``: writes one file per save, then optionally fails."""
+
+    def __init__(self, content: str, fail: BaseException | None = None):
+        self.content, self.fail = content, fail
+        self.unet = self.vae = self.text_encoder = torch.nn.Linear(1, 1)
+        self.scheduler = None
+
+    def save_pretrained(self, directory, safe_serialization=True):
+        Path(directory, "unet").mkdir(parents=True, exist_ok=True)
+        Path(directory, "unet", "weights.txt").write_text(self.content)
+        if self.fail is not None:
+            raise self.fail
+
+    def to(self, dtype):
+        return self
+
+
+@pytest.mark.parametrize("fail", [KeyboardInterrupt(), OSError("disk full")], ids=["ctrl-c", "oserror"])
+def test_base_save_interrupted_midway_keeps_the_previous_base(tmp_path, fail):
+    build = _load_build_script()
+    out = tmp_path / "base"
+    args = SimpleNamespace(out=str(out), fp32=False)
+    build.save_base(_FakePipe("old"), args)
+    assert (out / "unet" / "weights.txt").read_text() == "old" and (out / "tokenizer" / "vocab.json").is_file()
+    with pytest.raises(type(fail)):
+        build.save_base(_FakePipe("new", fail=fail), args)
+    # the previous base is untouched and complete; nothing half-written sits at --out
+    assert (out / "unet" / "weights.txt").read_text() == "old" and (out / "tokenizer" / "vocab.json").is_file()
+    build.save_base(_FakePipe("new"), args)  # the next save cleans up the leftover .partial folder
+    assert (out / "unet" / "weights.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
