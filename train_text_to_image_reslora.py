@@ -90,6 +90,8 @@ DATASET_ALIASES = {
 EMBEDDED_DATASET = "pokemon-style"
 EXPORT_SAMPLES_DIR = "export"  # samples/export/: from the exported file, loaded by stock diffusers
 # defaults for the embedded tiny base (a short CPU run); hub models get diffusers' defaults
+#: held-out relative UNet output error of an is/ms merge above which the end of training warns
+MERGE_ERROR_WARNING = 0.05
 EMBEDDED_DEFAULTS = dict(resolution=64, train_batch_size=8, max_train_steps=300, learning_rate=1e-3, sample_steps=50)
 HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, learning_rate=1e-4, sample_steps=500)
 POSITIVE_INTS = [
@@ -967,12 +969,28 @@ def export(args, accelerator, models, schedules, snapshots, state, calibration, 
     reports = {"merge_at_report": schedules[0].merge_report}
     if args.train_text_encoder:
         reports["text_encoder_merge_at_report"] = schedules[1].merge_report
-    export_run(model, args.output_dir, args.merge, calibration, card=card, export_format=args.export_format,
-               text_encoder=trained_text_encoder, text_batches=text_calibration,
-               extra={"steps": state.global_step, "train_seconds": round(elapsed, 1),
-                      "skipped_images": len(state.bad_images), **reports})
+    report = export_run(model, args.output_dir, args.merge, calibration, card=card, export_format=args.export_format,
+                        text_encoder=trained_text_encoder, text_batches=text_calibration,
+                        extra={"steps": state.global_step, "train_seconds": round(elapsed, 1),
+                               "skipped_images": len(state.bad_images), **reports})
     sample_from_export(args, snapshots, models.path, args.output_dir, models.weight_dtype, state.global_step)
     accelerator.print(f"Done: {state.global_step} steps in {elapsed:.0f}s. Merged LoRA in {args.output_dir}.")
+    accelerator.print(merge_summary(report))
+
+
+def merge_summary(report: dict) -> str:
+    """How far the exported LoRA is from the trained model, with the fix when it is far (``merge_report.json``)."""
+    held = report.get("held_out", {}).get("relative_output_error")
+    if report["method"] == "exact" or held is None:
+        return "The export is exact: it computes what was trained."
+    line = (f"Merge '{report['method']}': on held-out batches the export's UNet output differs from the trained "
+            f"model's by {held:.1%}.")
+    if held > MERGE_ERROR_WARNING:
+        line += (f" Warning: that is more than {MERGE_ERROR_WARNING:.0%}, so the export may not draw what training "
+                 "learned. The samples (samples/step-N and samples/export) show the merged model; --sample_unmerged "
+                 "also draws the trained one. For an export that is exactly the trained model, train with "
+                 "--shortcut_decay 0.3 0.8 (or --merge_at 0.6), or use --reslora_structure bs or none.")
+    return line
 
 
 def upload(args, hub_repo_id):

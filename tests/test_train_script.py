@@ -67,7 +67,8 @@ def runs(tmp_path_factory):
     out = {}
     for name, flags in RUNS.items():
         run_dir = tmp_path_factory.mktemp(f"run-{name}")
-        run_script(["--output_dir", str(run_dir), *flags, *QUICK])
+        proc = run_script(["--output_dir", str(run_dir), *flags, *QUICK])
+        (run_dir / "launch.log").write_text(proc.stdout + proc.stderr)
         out[name] = run_dir
     return out
 
@@ -291,6 +292,28 @@ def test_script_refuses_sharded_modes_before_training(monkeypatch, capsys):
 
     monkeypatch.setattr(distributed, "check_distributed_mode", refuse)  # reached through check_training_setup
     assert "Supported modes" in cli_error(["--report_to", "none"], capsys)
+
+
+@pytest.mark.parametrize("structure", list(RUNS))
+def test_run_ends_by_saying_how_far_the_export_is_from_the_trained_model(runs, structure):
+    log = (runs[structure] / "launch.log").read_text()
+    report = json.loads((runs[structure] / "merge_report.json").read_text())
+    if report["method"] == "exact":
+        assert "The export is exact" in log and "Warning" not in log
+    else:
+        held = report["held_out"]["relative_output_error"]
+        assert f"Merge '{report['method']}': on held-out batches the export's UNet output differs from the trained " \
+               f"model's by {100 * held:.1f}%." in log
+        assert ("Warning: that is more than 5%" in log) == (held > 0.05)
+        assert ("--shortcut_decay 0.3 0.8" in log) == (held > 0.05)
+
+
+def test_merge_summary_warns_only_above_the_threshold():
+    far = train.merge_summary({"method": "ls", "held_out": {"relative_output_error": 0.25}})
+    near = train.merge_summary({"method": "ls", "held_out": {"relative_output_error": 0.01}})
+    assert "25.0%" in far and "Warning" in far and "--shortcut_decay" in far
+    assert "1.0%" in near and "Warning" not in near
+    assert "exact" in train.merge_summary({"method": "exact", "held_out": {"relative_output_error": 0.0}})
 
 
 def test_quickstart_style_colour_sweep_loads_the_export_like_a_user(runs, tmp_path):
