@@ -89,9 +89,9 @@ DATASET_ALIASES = {
 }
 EMBEDDED_DATASET = "pokemon-style"
 EXPORT_SAMPLES_DIR = "export"  # samples/export/: from the exported file, loaded by stock diffusers
-# defaults for the embedded tiny base (a short CPU run); hub models get diffusers' defaults
 #: held-out relative UNet output error of an is/ms merge above which the end of training warns
 MERGE_ERROR_WARNING = 0.05
+# defaults for the embedded tiny base (a short CPU run); hub models get diffusers' defaults
 EMBEDDED_DEFAULTS = dict(resolution=64, train_batch_size=8, max_train_steps=300, learning_rate=1e-3, sample_steps=50)
 HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, learning_rate=1e-4, sample_steps=500)
 POSITIVE_INTS = [
