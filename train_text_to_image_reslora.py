@@ -981,8 +981,10 @@ def export(args, accelerator, models, schedules, snapshots, state, calibration, 
 def merge_summary(report: dict) -> str:
     """How far the exported LoRA is from the trained model, with the fix when it is far (``merge_report.json``)."""
     held = report.get("held_out", {}).get("relative_output_error")
-    if report["method"] == "exact" or held is None:
+    if report["method"] == "exact":
         return "The export is exact: it computes what was trained."
+    if held is None:
+        return f"Merge '{report['method']}': its error was not measured (no held-out calibration batches)."
     line = (f"Merge '{report['method']}': on held-out batches the export's UNet output differs from the trained "
             f"model's by {held:.1%}.")
     if held > MERGE_ERROR_WARNING:

@@ -314,6 +314,8 @@ def test_merge_summary_warns_only_above_the_threshold():
     assert "25.0%" in far and "Warning" in far and "--shortcut_decay" in far
     assert "1.0%" in near and "Warning" not in near
     assert "exact" in train.merge_summary({"method": "exact", "held_out": {"relative_output_error": 0.0}})
+    unmeasured = train.merge_summary({"method": "ls"})  # an approximate merge with no error measured is not exact
+    assert "not measured" in unmeasured and "exact" not in unmeasured
 
 
 def test_quickstart_style_colour_sweep_loads_the_export_like_a_user(runs, tmp_path):
