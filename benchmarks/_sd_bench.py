@@ -210,18 +210,23 @@ class BenchContext:
         return merge_error(unet, result.factors, self.held_out, unet_forward)
 
     @torch.no_grad()
-    def samples(self, unet, steps: int = 20, guidance: float = 4.0):
-        """Images for SAMPLE_PROMPTS x SAMPLE_SEEDS (row-major), from ``unet`` as it is (wrap in ``merged``)."""
+    def pipeline(self, unet):
+        """A Stable Diffusion pipeline of the base's VAE, text encoder and DDIM scheduler around ``unet``."""
         from diffusers import DDIMScheduler
 
-        was_training = unet.training
-        unet.eval()
         pipe = self._pipeline_cls(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=unet,
             scheduler=DDIMScheduler.from_config(self.ddim_config), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def samples(self, unet, steps: int = 20, guidance: float = 4.0):
+        """Images for SAMPLE_PROMPTS x SAMPLE_SEEDS (row-major), from ``unet`` as it is (wrap in ``merged``)."""
+        was_training = unet.training
+        unet.eval()
+        pipe = self.pipeline(unet)
         images = []
         for prompt in SAMPLE_PROMPTS:
             for seed in SAMPLE_SEEDS:

@@ -93,34 +93,36 @@ def run_config(run: Path) -> dict:
     return json.loads((run / "reslora_run.json").read_text()).get("config", {})
 
 
-def colour_sweep(run: Path, num_seeds: int, resolution: int) -> dict:
-    """Per colour word: samples (of ``num_seeds``) that keep the prompt's colour, and their mean style
-    score, for the base ("base") and the base + the run's export ("export")."""
+def sweep_colours(pipe, num_seeds: int, resolution: int, guidance: float) -> dict:
+    """Per colour word: how many of ``num_seeds`` samples of ``pipe`` keep the prompt's colour, and their mean
+    style score (``colour_sweep_prompt`` at seeds 0..N-1, 20 steps)."""
     import torch
+
+    out = {}
+    for colour in COLOR_NAMES:
+        kept, styles = 0, []
+        for seed in range(num_seeds):
+            image = pipe(colour_sweep_prompt(colour), num_inference_steps=20, guidance_scale=guidance,
+                         height=resolution, width=resolution, generator=torch.Generator().manual_seed(seed)).images[0]
+            kept += fill_colour_match(image, colour)["match"]
+            styles.append(style_score_image(image))
+        out[colour] = {"kept": kept, "of": num_seeds, "style_mean": float(np.mean(styles))}
+    return out
+
+
+def colour_sweep(run: Path, num_seeds: int, resolution: int) -> dict:
+    """``sweep_colours`` for the base ("base") and the base + the run's export ("export"), both loaded with stock
+    diffusers."""
     from diffusers import StableDiffusionPipeline
 
     config = run_config(run)
     pipe = StableDiffusionPipeline.from_pretrained(config.get("pretrained_model_name_or_path") or TINY_BASE_PATH)
     pipe.set_progress_bar_config(disable=True)
     guidance = config.get("sample_guidance_scale", 4.0)
-
-    def sweep() -> dict:
-        out = {}
-        for colour in COLOR_NAMES:
-            kept, styles = 0, []
-            for seed in range(num_seeds):
-                image = pipe(colour_sweep_prompt(colour), num_inference_steps=20, guidance_scale=guidance,
-                             height=resolution, width=resolution,
-                             generator=torch.Generator().manual_seed(seed)).images[0]
-                kept += fill_colour_match(image, colour)["match"]
-                styles.append(style_score_image(image))
-            out[colour] = {"kept": kept, "of": num_seeds, "style_mean": float(np.mean(styles))}
-        return out
-
     result = {"prompts": {c: colour_sweep_prompt(c) for c in COLOR_NAMES}, "seeds": num_seeds, "guidance": guidance,
-              "base": sweep()}
+              "base": sweep_colours(pipe, num_seeds, resolution, guidance)}
     pipe.load_lora_weights(str(run))
-    result["export"] = sweep()
+    result["export"] = sweep_colours(pipe, num_seeds, resolution, guidance)
     return result
 
 

@@ -1,5 +1,6 @@
 """The convergence and merge-fidelity benchmarks run end to end (a few steps; the real runs are in docs/)."""
 
+import argparse
 import csv
 import json
 import os
@@ -74,3 +75,43 @@ def test_convergence_then_merge_fidelity(tmp_path):
     merges = {(r["arm"], r["merge"]) for r in rows}
     assert {("ResLoRA is", m) for m in ("unmerged", "no", "bi", "bw", "ls")} <= merges
     assert any(float(r["relative_output_error"]) > 0 for r in rows if r["merge"] == "no")  # is: 'no' is inexact
+
+
+def test_unet_subset_arms_train_exactly_their_parameters():
+    """benchmarks.unet_subsets: 'attention' trains the 128 projections command 1 adapts, 'rest' everything else,
+    'lora' only LoRA factors on those projections; one step changes nothing outside the arm."""
+    from benchmarks import _sd_bench as bench
+    from benchmarks import unet_subsets as subsets
+
+    assert subsets.parse_arm("lora16:3e-3") == ("lora16", 3e-3) and subsets.lora_rank("lora") == 4
+    for bad in ("lora0:1e-3", "attn:1e-3", "rest"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            subsets.parse_arm(bad)
+    ctx = bench.BenchContext(num_train=16, num_held_out=32)
+    suffixes = (".to_q", ".to_k", ".to_v", ".to_out.0")  # written out here, not taken from TARGET_MODULES
+    projections = [m for m, mod in ctx.base_unet.named_modules()
+                   if m.endswith(suffixes) and isinstance(mod, torch.nn.Linear)]
+    assert len(projections) == 128
+    expected = {f"{m}.{p}" for m in projections for p, _ in ctx.base_unet.get_submodule(m).named_parameters()}
+    every = {n for n, _ in ctx.base_unet.named_parameters()}
+    base = {n: p.detach().clone() for n, p in ctx.base_unet.named_parameters()}
+
+    def trainable(arm):
+        unet, params = subsets.trainable_unet(ctx, arm, seed=0)
+        names = {n for n, p in unet.named_parameters() if p.requires_grad}
+        assert len(names) == len(params)
+        return names
+
+    assert trainable("attention") == expected
+    assert trainable("rest") == every - expected
+    assert trainable("all") == every
+    lora = trainable("lora")
+    assert len(lora) == 2 * 128 and all("lora_" in n for n in lora)
+    assert {n.split(".lora_")[0].removesuffix(".base_layer") for n in lora} == set(projections)
+    unet16, _ = subsets.trainable_unet(ctx, "lora16", seed=0)
+    assert unet16.get_submodule(projections[0]).lora_A["default"].weight.shape[0] == 16
+
+    for arm, own in (("attention", expected), ("rest", every - expected)):
+        unet, _, loss, _ = subsets.fine_tune(ctx, arm, lr=1e-3, seed=0, steps=1)
+        changed = {n for n, p in unet.named_parameters() if not torch.equal(p, base[n])}
+        assert changed and changed <= own and loss > 0
