@@ -92,8 +92,14 @@ EXPORT_SAMPLES_DIR = "export"  # samples/export/: from the exported file, loaded
 #: held-out relative UNet output error of an is/ms merge above which the end of training warns
 MERGE_ERROR_WARNING = 0.05
 # defaults for the embedded tiny base (a short CPU run); hub models get diffusers' defaults
-EMBEDDED_DEFAULTS = dict(resolution=64, train_batch_size=8, max_train_steps=300, learning_rate=1e-3, sample_steps=50)
-HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, learning_rate=1e-4, sample_steps=500)
+# (rank 64: at rank 4 the tiny base's 32-96-wide projections lose most colour words, docs/unet_subsets.md)
+EMBEDDED_DEFAULTS = dict(resolution=64, train_batch_size=8, max_train_steps=300, learning_rate=1e-3, sample_steps=50,
+                         rank=64)
+HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, learning_rate=1e-4, sample_steps=500,
+                    rank=4)
+#: the embedded base's is/ms runs anneal their shortcuts (merge-aware training) unless told otherwise: at rank 64 the
+#: ls merge of an undecayed run is 41% off the trained model
+EMBEDDED_SHORTCUT_DECAY = (0.3, 0.8)
 POSITIVE_INTS = [
     "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
     "checkpointing_steps", "checkpoints_total_limit", "sample_steps", "num_validation_images", "sample_num_inference_steps",
@@ -132,6 +138,11 @@ def parse_args(input_args=None):
     g.add_argument("--cache_dir", default=None)
 
     g = add_reslora_args(p)  # --reslora_structure --pre_num --rank --lora_alpha --merge ... (shared with the examples)
+    p.set_defaults(rank=None)
+    p._option_string_actions["--rank"].help = "LoRA rank r. Default: 64 on the embedded tiny base, else 4."
+    g.add_argument("--no_shortcut_decay", action="store_true",
+                   help="On the embedded base, keep is/ms shortcuts to the end (its default is --shortcut_decay "
+                   f"{EMBEDDED_SHORTCUT_DECAY[0]} {EMBEDDED_SHORTCUT_DECAY[1]} unless --merge_at is given).")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="Also put ResLoRA on the CLIP text encoder's attention (q/k/v/out_proj), with its own chains; "
                    "exported under text_encoder.")
@@ -212,6 +223,11 @@ def fill_defaults(args):
             setattr(args, key, value)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+    if args.no_shortcut_decay and args.shortcut_decay is not None:
+        raise TrainingError("--no_shortcut_decay and --shortcut_decay contradict each other: give one of them.")
+    if embedded and not args.no_shortcut_decay and args.shortcut_decay is None and args.merge_at is None \
+            and args.reslora_structure in ("is", "ms"):
+        args.shortcut_decay = list(EMBEDDED_SHORTCUT_DECAY)
     if args.dataset is None and args.dataset_name is None and args.train_data_dir is None:
         args.dataset = EMBEDDED_DATASET
     validate_flags(args)

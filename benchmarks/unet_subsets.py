@@ -3,7 +3,8 @@
     python -m benchmarks.unet_subsets [--arms lora:1e-3 attention:1e-3 rest:1e-4 all:1e-4] [--seeds 0 1 2]
                                       [--steps 300] [--sweep_seeds 8] [--json out.json]
 
-Every arm fine-tunes the embedded tiny base's UNet on the embedded ``pokemon-style`` dataset at 64 px, batch 8,
+Every arm fine-tunes the embedded tiny base's UNet on the embedded ``pokemon-style`` dataset (``--num_train``
+images, 833 by default; command 1 trains on the first 256) at 64 px, batch 8,
 with the training script's ``diffusion_loss``, on the SD benchmarks' cached latents and text embeddings
 (``benchmarks._sd_bench.BenchContext``): for a seed, every arm starts from the same base and sees the same batches
 and noise. Only which parameters train differs:
@@ -100,7 +101,7 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--sweep_seeds", type=int, default=8)
-    ap.add_argument("--num_train", type=int, default=833, help="dataset images (833 as in command 1)")
+    ap.add_argument("--num_train", type=int, default=833, help="dataset images (command 1 uses 256)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -81,7 +81,7 @@ def assert_same_tensors(a_path, b_path):
 
 COMMON = ["--max_train_steps", "3", "--pokemon_style_size", "12", "--sample_steps", "3", "--checkpointing_steps", "100",
           "--sample_num_inference_steps", "2", "--report_to", "none", "--random_flip", "--calibration_batches", "2",
-          "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"]
+          "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--rank", "4"]
 
 
 @pytest.mark.slow

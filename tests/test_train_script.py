@@ -21,10 +21,11 @@ ACCELERATE = [
     sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
     "--mixed_precision", "no", "--dynamo_backend", "no",
 ]
+# rank 4 and shortcuts kept to the end (not the embedded base's rank 64 and decay), so is/ms merges are inexact
 QUICK = [
     "--max_train_steps", "4", "--sample_steps", "2", "--checkpointing_steps", "2", "--train_batch_size", "4",
     "--pokemon_style_size", "16", "--sample_num_inference_steps", "3", "--calibration_batches", "2",
-    "--report_to", "none",
+    "--report_to", "none", "--rank", "4", "--no_shortcut_decay",
 ]
 
 
@@ -67,7 +68,8 @@ def runs(tmp_path_factory):
     out = {}
     for name, flags in RUNS.items():
         run_dir = tmp_path_factory.mktemp(f"run-{name}")
-        proc = run_script(["--output_dir", str(run_dir), *flags, *QUICK])
+        quick = [f for f in QUICK if f != "--no_shortcut_decay"] if "--shortcut_decay" in flags else QUICK
+        proc = run_script(["--output_dir", str(run_dir), *flags, *quick])
         (run_dir / "launch.log").write_text(proc.stdout + proc.stderr)
         out[name] = run_dir
     return out
@@ -306,6 +308,24 @@ def test_run_ends_by_saying_how_far_the_export_is_from_the_trained_model(runs, s
                f"model's by {100 * held:.1f}%." in log
         assert ("Warning: that is more than 5%" in log) == (held > 0.05)
         assert ("--shortcut_decay 0.3 0.8" in log) == (held > 0.05)
+
+
+def test_embedded_base_defaults_to_rank_64_and_decayed_shortcuts(capsys):
+    """On the embedded base, is/ms runs anneal their shortcuts (0.3, 0.8) at rank 64 unless told otherwise;
+    a hub model keeps rank 4 and no decay."""
+    def parsed(*argv):
+        args = train.parse_args(list(argv))
+        return args.rank, args.lora_alpha, args.reslora_config.shortcut_decay, args.reslora_config.merge_at
+
+    assert parsed() == (64, 64.0, (0.3, 0.8), None)
+    assert parsed("--reslora_structure", "ms") == (64, 64.0, (0.3, 0.8), None)
+    assert parsed("--no_shortcut_decay") == (64, 64.0, None, None)
+    assert parsed("--merge_at", "0.6") == (64, 64.0, None, 0.6)
+    assert parsed("--reslora_structure", "bs")[2] is None and parsed("--reslora_structure", "none")[2] is None
+    assert parsed("--rank", "8", "--shortcut_decay", "0.5", "0.9") == (8, 8.0, (0.5, 0.9), None)
+    assert parsed("--pretrained_model_name_or_path", "owner/sd2") == (4, 4.0, None, None)
+    err = cli_error(["--no_shortcut_decay", "--shortcut_decay", "0.3", "0.8"], capsys)
+    assert "--no_shortcut_decay and --shortcut_decay contradict" in err
 
 
 def test_merge_summary_warns_only_above_the_threshold():
