@@ -92,13 +92,13 @@ EXPORT_SAMPLES_DIR = "export"  # samples/export/: from the exported file, loaded
 #: held-out relative UNet output error of an is/ms merge above which the end of training warns
 MERGE_ERROR_WARNING = 0.05
 # defaults for the embedded tiny base (a short CPU run); hub models get diffusers' defaults
-# (rank 64: at rank 4 the tiny base's 32-96-wide projections lose most colour words, docs/unet_subsets.md)
+# (rank 64: at rank 4 the tiny base's 32-96-wide projections keep ~10 of 48 colour words fewer, docs/unet_subsets.md)
 EMBEDDED_DEFAULTS = dict(resolution=64, train_batch_size=8, max_train_steps=300, learning_rate=1e-3, sample_steps=50,
                          rank=64)
 HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, learning_rate=1e-4, sample_steps=500,
                     rank=4)
 #: the embedded base's is/ms runs anneal their shortcuts (merge-aware training) unless told otherwise: at rank 64 the
-#: ls merge of an undecayed run is 41% off the trained model
+#: ls merge of an undecayed run is 37-41% off the trained model
 EMBEDDED_SHORTCUT_DECAY = (0.3, 0.8)
 POSITIVE_INTS = [
     "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
