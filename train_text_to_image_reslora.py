@@ -98,7 +98,7 @@ EMBEDDED_DEFAULTS = dict(resolution=64, train_batch_size=8, max_train_steps=300,
 HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, learning_rate=1e-4, sample_steps=500,
                     rank=4)
 #: the embedded base's is/ms runs anneal their shortcuts (merge-aware training) unless told otherwise: at rank 64 the
-#: ls merge of an undecayed run is 37-41% off the trained model
+#: ls merge of an undecayed run is 37-41% off the trained model. merge_summary suggests the same window to any run.
 EMBEDDED_SHORTCUT_DECAY = (0.3, 0.8)
 POSITIVE_INTS = [
     "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
@@ -1007,7 +1007,8 @@ def merge_summary(report: dict) -> str:
         line += (f" Warning: that is more than {MERGE_ERROR_WARNING:.0%}, so the export may not draw what training "
                  "learned. The samples (samples/step-N and samples/export) show the merged model; --sample_unmerged "
                  "also draws the trained one. For an export that is exactly the trained model, train with "
-                 "--shortcut_decay 0.3 0.8 (or --merge_at 0.6), or use --reslora_structure bs or none.")
+                 f"--shortcut_decay {EMBEDDED_SHORTCUT_DECAY[0]} {EMBEDDED_SHORTCUT_DECAY[1]} (or --merge_at 0.6), or use "
+                 "--reslora_structure bs or none.")
     return line
 
 
