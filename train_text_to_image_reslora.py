@@ -100,6 +100,8 @@ HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, le
 #: the embedded base's is/ms runs anneal their shortcuts (merge-aware training) unless told otherwise: at rank 64 the
 #: ls merge of an undecayed run is 37-41% off the trained model. merge_summary suggests the same window to any run.
 EMBEDDED_SHORTCUT_DECAY = (0.3, 0.8)
+#: what the snapshots draw: the merge an export at that step would give, or the model being trained
+SAMPLE_VIEWS = ("merged", "trained")
 POSITIVE_INTS = [
     "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
     "checkpointing_steps", "checkpoints_total_limit", "sample_steps", "num_validation_images", "sample_num_inference_steps",
@@ -111,7 +113,7 @@ POSITIVE_FLOATS = ["learning_rate", "adam_epsilon", "snr_gamma"]
 OPERATIONAL_FLAGS = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "simulate_interrupt_at_step", "report_to", "logging_dir",
     "dataloader_num_workers", "cache_dir", "checkpointing_steps", "checkpoints_total_limit", "max_train_steps",
-    "num_train_epochs", "reslora_config",
+    "num_train_epochs", "reslora_config", "sample_view",
 }
 
 
@@ -199,7 +201,14 @@ def parse_args(input_args=None):
     g.add_argument("--validation_epochs", type=int, default=None,
                    help="Also sample at the end of every N-th epoch (upstream's validation cadence; default: only "
                    "--sample_steps).")
-    g.add_argument("--sample_unmerged", action="store_true", help="Also save the unmerged view (is/ms).")
+    g.add_argument("--sample_view", choices=SAMPLE_VIEWS, default=None,
+                   help="What the snapshots (samples/step-N, the grid's step columns) draw: 'merged', the merge an "
+                   "export at that step would give, or 'trained', the model being trained (shortcuts included). "
+                   "Default: 'trained' when --shortcut_decay or --merge_at makes the final export the trained model "
+                   "(the embedded base's is/ms runs), else 'merged'. The 'export' column is always the export.")
+    g.add_argument("--sample_unmerged", action="store_true",
+                   help="With --sample_view merged, also save the trained (unmerged) view in samples/step-N/unmerged "
+                   "(is/ms). With --sample_view trained the samples already are that view.")
     g.add_argument("--report_to", default=None, help="tensorboard, wandb, all or none. Default: tensorboard if installed.")
     g.add_argument("--logging_dir", default="logs")
 
@@ -228,6 +237,8 @@ def fill_defaults(args):
     if embedded and not args.no_shortcut_decay and args.shortcut_decay is None and args.merge_at is None \
             and args.reslora_structure in ("is", "ms"):
         args.shortcut_decay = list(EMBEDDED_SHORTCUT_DECAY)
+    if args.sample_view is None:
+        args.sample_view = "trained" if args.shortcut_decay or args.merge_at is not None else "merged"
     if args.dataset is None and args.dataset_name is None and args.train_data_dir is None:
         args.dataset = EMBEDDED_DATASET
     validate_flags(args)
@@ -665,7 +676,7 @@ def sample_prompts(args):
 
 class Snapshots:
     """Samples of the fixed prompts x seeds during training, from the training UNet (no pipeline copy, no CPU
-    autocast), through the merged view; each snapshot redraws the progress grid."""
+    autocast), in ``--sample_view``: the merged view or the model as trained; each snapshot redraws the grid."""
 
     def __init__(self, args, accelerator, models, calibration, text_calibration):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -710,28 +721,34 @@ class Snapshots:
 
     @torch.no_grad()
     def snapshot(self, step):
-        """Save merged-view samples (and unmerged on request) for ``step``, then redraw the progress grid."""
+        """Save samples of ``--sample_view`` (and the unmerged view on request) for ``step``, then redraw the grid."""
         model = self.accelerator.unwrap_model(self.unet)
         text_encoder = self.text_encoder if self.args.train_text_encoder else None
         was_training = model.training
         model.eval()
         self.text_encoder.eval()
         try:
-            results = merge_pipeline(model, self.args.merge, self.calibration, text_encoder, self.text_calibration)
-            with contextlib.ExitStack() as views_on:
-                views_on.enter_context(merged_view(model, results["unet"]))
-                if text_encoder is not None:
-                    views_on.enter_context(merged_view(text_encoder, results["text_encoder"]))
-                merged = self.generate()
-            views = {"": merged}
-            if self.args.sample_unmerged and self.args.reslora_structure in ("is", "ms"):
-                views["unmerged"] = self.generate()
+            if self.args.sample_view == "trained":
+                views = {"": self.generate()}
+            else:
+                views = {"": self.generate_merged(model, text_encoder)}
+                if self.args.sample_unmerged and self.args.reslora_structure in ("is", "ms"):
+                    views["unmerged"] = self.generate()
         finally:
             model.train(was_training)
             self.text_encoder.train(was_training and text_encoder is not None)
         self.last_step = step
         self.save(self.samples_dir / step_dir_name(step), views, step, "samples")
-        return merged
+        return views[""]
+
+    def generate_merged(self, model, text_encoder):
+        """Samples of the merge an export at this step would give (``--merge``), the training weights untouched."""
+        results = merge_pipeline(model, self.args.merge, self.calibration, text_encoder, self.text_calibration)
+        with contextlib.ExitStack() as views_on:
+            views_on.enter_context(merged_view(model, results["unet"]))
+            if text_encoder is not None:
+                views_on.enter_context(merged_view(text_encoder, results["text_encoder"]))
+            return self.generate()
 
     @torch.no_grad()
     def export_snapshot(self, pipe, step):
@@ -1005,8 +1022,8 @@ def merge_summary(report: dict) -> str:
             f"model's by {held:.1%}.")
     if held > MERGE_ERROR_WARNING:
         line += (f" Warning: that is more than {MERGE_ERROR_WARNING:.0%}, so the export may not draw what training "
-                 "learned. The samples (samples/step-N and samples/export) show the merged model; --sample_unmerged "
-                 "also draws the trained one. For an export that is exactly the trained model, train with "
+                 "learned. samples/export shows the export; --sample_view trained draws the trained model in "
+                 "samples/step-N. For an export that is exactly the trained model, train with "
                  f"--shortcut_decay {EMBEDDED_SHORTCUT_DECAY[0]} {EMBEDDED_SHORTCUT_DECAY[1]} (or --merge_at 0.6), or use "
                  "--reslora_structure bs or none.")
     return line

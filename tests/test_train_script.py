@@ -3,15 +3,19 @@
 The runs go through ``accelerate launch`` in a subprocess, as users run it, for a few steps.
 """
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from reslora_diffusers import load_training_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train_text_to_image_reslora.py"
@@ -46,19 +50,18 @@ def load_base_pipeline():
 
 def unmerged_unet(run_dir):
     """The trained model as it was before merging: base UNet + the saved ResLoRA training state."""
-    from reslora_diffusers import load_training_state
-
     unet = load_base_pipeline().unet
     load_training_state(unet, str(run_dir))
     return unet.eval()
 
 
-RUNS = {  # name: flags; "is-decay" anneals its shortcuts to 0 by 75% of training, so its export is exact
+RUNS = {  # name: flags; "is-decay" anneals its shortcuts to 0 by 75% of training, so its export is exact; its
+    # larger learning rate makes its step-2 merge visibly different from the trained model (0.5-1.9 of 255)
     "none": ["--reslora_structure", "none"],
     "is": ["--reslora_structure", "is"],
     "bs": ["--reslora_structure", "bs", "--pre_num", "2"],
     "ms": ["--reslora_structure", "ms", "--pre_num", "2"],
-    "is-decay": ["--reslora_structure", "is", "--shortcut_decay", "0.25", "0.75"],
+    "is-decay": ["--reslora_structure", "is", "--shortcut_decay", "0.25", "0.75", "--learning_rate", "2e-2"],
 }
 EXACT = ("none", "bs", "is-decay")
 
@@ -114,6 +117,45 @@ def test_run_writes_samples_grid_export_and_report(runs, structure):
         pipe.fuse_lora()
         fused = unet_forward(pipe.unet, batch)
     torch.testing.assert_close(fused, loaded, atol=1e-4, rtol=1e-4)
+
+
+def resample_step(run_dir, step, merge=None):
+    """The run's step-``step`` snapshot images redrawn in this process from checkpoint-``step``'s unmerged state,
+    as the model is (``merge=None``) or through its ``merge`` view; with the snapshot settings of QUICK."""
+    from diffusers import DDIMScheduler
+
+    from reslora_diffusers import merged_view
+    from reslora_diffusers.core.model import get_controller
+    from reslora_diffusers.integrations.sd_run import load_calibration, merge_unet
+
+    pipe = load_base_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    load_training_state(pipe.unet, str(run_dir / f"checkpoint-{step}"))
+    pipe.unet.eval()
+    lam = get_controller(pipe.unet).shortcut_scale
+    prompts = json.loads((run_dir / "samples" / f"step-{step:06d}" / "prompts.json").read_text())["prompts"]
+    with contextlib.ExitStack() as view:
+        if merge is not None:
+            view.enter_context(merged_view(pipe.unet, merge_unet(pipe.unet, merge, load_calibration(str(run_dir)))))
+        images = [pipe(p, num_inference_steps=3, guidance_scale=4.0, height=64, width=64,
+                       generator=torch.Generator().manual_seed(0)).images[0] for p in prompts]
+    return lam, images
+
+
+def test_snapshots_draw_the_trained_model_when_the_export_will_be_it(runs):
+    """--shortcut_decay makes the export the trained model, so its snapshots show the trained model, not the merge
+    an export at that step would give (which is what runs without decay show)."""
+    from PIL import Image
+
+    run_dir = runs["is-decay"]
+    saved = [Image.open(run_dir / "samples" / "step-000002" / f"prompt-{i:02d}_seed-0.png").convert("RGB") for i in range(3)]
+    lam, trained = resample_step(run_dir, 2)
+    assert 0 < lam < 1  # the shortcuts are still on at step 2: the two views differ
+    _, merged = resample_step(run_dir, 2, merge="ls")
+    gap = lambda a, b: float(np.mean([np.abs(np.asarray(x, float) - np.asarray(y, float)).mean() for x, y in zip(a, b)]))  # noqa: E731
+    assert gap(trained, merged) > 0.2  # of 255: the test can tell the views apart
+    assert gap(saved, trained) < 0.05 < gap(saved, merged)
 
 
 def test_remerge_cli_rewrites_export_with_another_method(runs, tmp_path):
@@ -326,6 +368,11 @@ def test_embedded_base_defaults_to_rank_64_and_decayed_shortcuts(capsys):
     assert parsed("--pretrained_model_name_or_path", "owner/sd2") == (4, 4.0, None, None)
     err = cli_error(["--no_shortcut_decay", "--shortcut_decay", "0.3", "0.8"], capsys)
     assert "--no_shortcut_decay and --shortcut_decay contradict" in err
+    # snapshots show the trained model exactly when the export will be it
+    view = lambda *argv: train.parse_args(list(argv)).sample_view  # noqa: E731
+    assert view() == view("--merge_at", "0.6") == view("--pretrained_model_name_or_path", "o/sd2", "--merge_at", "0.5") == "trained"
+    assert view("--no_shortcut_decay") == view("--reslora_structure", "bs") == view("--pretrained_model_name_or_path", "o/sd2") == "merged"
+    assert view("--sample_view", "merged") == "merged"
 
 
 def test_merge_summary_warns_only_above_the_threshold():
