@@ -139,9 +139,8 @@ def parse_args(input_args=None):
                    help="skip: drop unreadable images and count them; error: check every image before training.")
     g.add_argument("--cache_dir", default=None)
 
-    g = add_reslora_args(p)  # --reslora_structure --pre_num --rank --lora_alpha --merge ... (shared with the examples)
-    p.set_defaults(rank=None)
-    p._option_string_actions["--rank"].help = "LoRA rank r. Default: 64 on the embedded tiny base, else 4."
+    # --reslora_structure --pre_num --rank --lora_alpha --merge ... (shared with the examples)
+    g = add_reslora_args(p, rank_default=None, rank_help="LoRA rank r. Default: 64 on the embedded tiny base, else 4.")
     g.add_argument("--no_shortcut_decay", action="store_true",
                    help="On the embedded base, keep is/ms shortcuts to the end (its default is --shortcut_decay "
                    f"{EMBEDDED_SHORTCUT_DECAY[0]} {EMBEDDED_SHORTCUT_DECAY[1]} unless --merge_at is given).")

@@ -30,8 +30,10 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_reslora_args(parser) -> argparse._ArgumentGroup:
-    """Add the ResLoRA flags (a "ResLoRA" group) to ``parser``; returns the group."""
+def add_reslora_args(parser, rank_default: Optional[int] = RESLORA_DEFAULTS["rank"],
+                     rank_help: str = "LoRA rank r.") -> argparse._ArgumentGroup:
+    """Add the ResLoRA flags (a "ResLoRA" group) to ``parser``; returns the group. A script whose rank default
+    depends on other flags passes ``rank_default=None`` and says so in ``rank_help``."""
     d = RESLORA_DEFAULTS
     g = parser.add_argument_group("ResLoRA")
     g.add_argument("--reslora_structure", default=d["reslora_structure"], metavar="{" + ",".join(STRUCTURES) + "}",
@@ -41,7 +43,7 @@ def add_reslora_args(parser) -> argparse._ArgumentGroup:
                    help=argparse.SUPPRESS)
     g.add_argument("--pre_num", type=int, default=d["pre_num"],
                    help="m, the previous blocks a bs/ms block uses; -1 = all ('is' always uses 1).")
-    g.add_argument("--rank", type=int, default=d["rank"], help="LoRA rank r.")
+    g.add_argument("--rank", type=int, default=rank_default, help=rank_help)
     g.add_argument("--lora_alpha", type=float, default=d["lora_alpha"],
                    help="LoRA alpha (scale alpha / r). Default: the rank (scale 1), as diffusers.")
     g.add_argument("--lora_dropout", type=float, default=d["lora_dropout"], help="Dropout on the LoRA input.")
