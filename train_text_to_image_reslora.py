@@ -1011,21 +1011,33 @@ def export(args, accelerator, models, schedules, snapshots, state, calibration, 
 
 
 def merge_summary(report: dict) -> str:
-    """How far the exported LoRA is from the trained model, with the fix when it is far (``merge_report.json``)."""
-    held = report.get("held_out", {}).get("relative_output_error")
-    if report["method"] == "exact":
+    """How far the exported LoRA is from the trained model, per trained part (the UNet, and the text encoder
+    with --train_text_encoder), with the fix when a part is far (``merge_report.json``)."""
+    parts = {"UNet": report}
+    if "text_encoder" in report:
+        parts["text encoder"] = report["text_encoder"]
+    if all(part["method"] == "exact" for part in parts.values()):
         return "The export is exact: it computes what was trained."
+    lines = [merge_line(name, part) for name, part in parts.items()]
+    if any(part.get("held_out", {}).get("relative_output_error", 0.0) > MERGE_ERROR_WARNING for part in parts.values()):
+        lines.append(
+            f"Warning: that is more than {MERGE_ERROR_WARNING:.0%}, so the export may not draw what training learned. "
+            "samples/export shows the export; --sample_view trained draws the trained model in samples/step-N. For "
+            f"an export that is exactly the trained model, train with --shortcut_decay {EMBEDDED_SHORTCUT_DECAY[0]} "
+            f"{EMBEDDED_SHORTCUT_DECAY[1]} (or --merge_at 0.6), or use --reslora_structure bs or none.")
+    return " ".join(lines)
+
+
+def merge_line(name: str, part: dict) -> str:
+    """One trained part's merge: exact, its held-out output error, or unmeasured."""
+    held = part.get("held_out", {}).get("relative_output_error")
+    title = name[:1].upper() + name[1:]
+    if part["method"] == "exact":
+        return f"The {name} export is exact."
     if held is None:
-        return f"Merge '{report['method']}': its error was not measured (no held-out calibration batches)."
-    line = (f"Merge '{report['method']}': on held-out batches the export's UNet output differs from the trained "
-            f"model's by {held:.1%}.")
-    if held > MERGE_ERROR_WARNING:
-        line += (f" Warning: that is more than {MERGE_ERROR_WARNING:.0%}, so the export may not draw what training "
-                 "learned. samples/export shows the export; --sample_view trained draws the trained model in "
-                 "samples/step-N. For an export that is exactly the trained model, train with "
-                 f"--shortcut_decay {EMBEDDED_SHORTCUT_DECAY[0]} {EMBEDDED_SHORTCUT_DECAY[1]} (or --merge_at 0.6), or use "
-                 "--reslora_structure bs or none.")
-    return line
+        return f"{title} merge '{part['method']}': its error was not measured (no held-out calibration batches)."
+    return (f"{title} merge '{part['method']}': on held-out batches the export's {name} output differs from the "
+            f"trained model's by {held:.1%}.")
 
 
 def upload(args, hub_repo_id):

@@ -84,10 +84,20 @@ def runs_tb(tmp_path_factory):
     for structure in ("bs", "is"):
         run_dir = tmp_path_factory.mktemp(f"eco-{structure}")
         extra = ["--pre_num", "2"] if structure == "bs" else ["--train_text_encoder"]
-        run_script(["--output_dir", str(run_dir), "--reslora_structure", structure, *extra, *QUICK,
-                    "--report_to", "tensorboard"])
+        proc = run_script(["--output_dir", str(run_dir), "--reslora_structure", structure, *extra, *QUICK,
+                           "--report_to", "tensorboard"])
+        (run_dir / "launch.log").write_text(proc.stdout + proc.stderr)
         out[structure] = run_dir
     return out
+
+
+def test_run_with_the_text_encoder_reports_both_merges(runs_tb):
+    log = (runs_tb["is"] / "launch.log").read_text()
+    report = json.loads((runs_tb["is"] / "merge_report.json").read_text())
+    for name, part in (("UNet", report), ("Text encoder", report["text_encoder"])):
+        held = part["held_out"]["relative_output_error"]
+        assert f"{name} merge 'ls': on held-out batches the export's {name.lower() if name != 'UNet' else name} " \
+               f"output differs from the trained model's by {100 * held:.1f}%." in log
 
 
 # ------------------------------------------------------------------------------------- kohya export

@@ -346,7 +346,7 @@ def test_run_ends_by_saying_how_far_the_export_is_from_the_trained_model(runs, s
         assert "The export is exact" in log and "Warning" not in log
     else:
         held = report["held_out"]["relative_output_error"]
-        assert f"Merge '{report['method']}': on held-out batches the export's UNet output differs from the trained " \
+        assert f"UNet merge '{report['method']}': on held-out batches the export's UNet output differs from the trained " \
                f"model's by {100 * held:.1f}%." in log
         assert ("Warning: that is more than 5%" in log) == (held > 0.05)
         assert ("--shortcut_decay 0.3 0.8" in log) == (held > 0.05)
@@ -383,6 +383,14 @@ def test_merge_summary_warns_only_above_the_threshold():
     assert "exact" in train.merge_summary({"method": "exact", "held_out": {"relative_output_error": 0.0}})
     unmeasured = train.merge_summary({"method": "ls"})  # an approximate merge with no error measured is not exact
     assert "not measured" in unmeasured and "exact" not in unmeasured
+    # --train_text_encoder: the text encoder's merge is reported too, and a far one warns on its own
+    exact = {"method": "exact", "held_out": {"relative_output_error": 0.0}}
+    text_far = train.merge_summary({**exact, "text_encoder": {"method": "ls", "held_out": {"relative_output_error": 0.3}}})
+    assert "UNet export is exact" in text_far and "text encoder" in text_far and "30.0%" in text_far and "Warning" in text_far
+    text_near = train.merge_summary({"method": "ls", "held_out": {"relative_output_error": 0.02},
+                                     "text_encoder": {"method": "ls", "held_out": {"relative_output_error": 0.01}}})
+    assert "2.0%" in text_near and "1.0%" in text_near and "Warning" not in text_near
+    assert train.merge_summary({**exact, "text_encoder": exact}) == "The export is exact: it computes what was trained."
 
 
 def test_quickstart_style_colour_sweep_loads_the_export_like_a_user(runs, tmp_path):
