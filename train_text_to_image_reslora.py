@@ -109,6 +109,8 @@ POSITIVE_INTS = [
 ]
 NON_NEGATIVE = ["lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "noise_offset", "adam_weight_decay", "sample_guidance_scale"]
 POSITIVE_FLOATS = ["learning_rate", "adam_epsilon", "snr_gamma"]
+#: flags added after runs were recorded, with the value that computes what those runs computed
+LATER_FLAGS = {"proportion_empty_prompts": 0.0}
 # flags that do not change what a run computes: a resume may change them
 OPERATIONAL_FLAGS = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "simulate_interrupt_at_step", "report_to", "logging_dir",
@@ -133,6 +135,9 @@ def parse_args(input_args=None):
     g.add_argument("--train_data_dir", default=None, help="Local imagefolder with metadata.jsonl (as in diffusers).")
     g.add_argument("--image_column", default="image")
     g.add_argument("--caption_column", default="text")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="Fraction of training captions replaced by the empty prompt (0 to 1), as in diffusers' "
+                   "SDXL and ControlNet scripts: it trains the unconditional prediction that guidance uses.")
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--pokemon_style_size", type=int, default=256, help="Samples of the embedded dataset.")
     g.add_argument("--on_bad_image", choices=["skip", "error"], default="skip",
@@ -269,6 +274,8 @@ def validate_flags(args):
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise TrainingError(f"--{name} {getattr(args, name)} must be in [0, 1).")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise TrainingError(f"--proportion_empty_prompts {args.proportion_empty_prompts} must be in [0, 1].")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         raise TrainingError("--overwrite_output_dir replaces the run that --resume_from_checkpoint would continue; pass one of them.")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
@@ -289,8 +296,10 @@ def check_output_dir(path):
 
 
 def run_config(args):
-    """What determines a run's result: a resume must match it."""
-    return {k: v for k, v in vars(args).items() if k not in OPERATIONAL_FLAGS}
+    """What determines a run's result: a resume must match it. A flag added after runs were recorded is left out
+    at the default that reproduces those runs (``LATER_FLAGS``), so they still resume."""
+    return {k: v for k, v in vars(args).items()
+            if k not in OPERATIONAL_FLAGS and not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
 
 
 # ---------------------------------------------------------------------------------------- setup

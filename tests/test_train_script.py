@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from reslora_diffusers import load_training_state
@@ -146,8 +147,6 @@ def resample_step(run_dir, step, merge=None):
 def test_snapshots_draw_the_trained_model_when_the_export_will_be_it(runs):
     """--shortcut_decay makes the export the trained model, so its snapshots show the trained model, not the merge
     an export at that step would give (which is what runs without decay show)."""
-    from PIL import Image
-
     run_dir = runs["is-decay"]
     saved = [Image.open(run_dir / "samples" / "step-000002" / f"prompt-{i:02d}_seed-0.png").convert("RGB") for i in range(3)]
     lam, trained = resample_step(run_dir, 2)
@@ -272,8 +271,6 @@ def cli_error(argv, capsys):
 
 
 def make_imagefolder(path, column="text", corrupt=False):
-    from PIL import Image
-
     path.mkdir()
     rows = []
     for i in range(3):
@@ -290,6 +287,34 @@ def test_missing_caption_column_lists_the_columns(tmp_path, capsys):
     folder = make_imagefolder(tmp_path / "data", column="caption")
     err = cli_error(["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "o")], capsys)
     assert "--caption_column 'text' is not a column" in err and "caption" in err and "image" in err
+
+
+def test_proportion_empty_prompts_blanks_that_share_of_captions_reproducibly(capsys):
+    from transformers import CLIPTokenizer
+
+    from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
+    from reslora_diffusers.integrations.sd_training import ImageCaptionDataset
+
+    tokenizer = CLIPTokenizer.from_pretrained(TINY_BASE_PATH, subfolder="tokenizer")
+    empty = tokenizer("", max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                      return_tensors="pt").input_ids[0]
+    rows = [{"image": Image.new("RGB", (16, 16), (200, 90, 40)), "text": f"a pink creature number {i}"} for i in range(400)]
+
+    def blanked(p, seed=0, epoch=0):
+        args = train.parse_args(["--proportion_empty_prompts", str(p), "--seed", str(seed), "--resolution", "16"])
+        dataset = ImageCaptionDataset(rows, args, tokenizer)
+        dataset.use_epoch(epoch)
+        return [bool(torch.equal(dataset[i]["input_ids"], empty)) for i in range(len(rows))]
+
+    assert not any(blanked(0.0)) and all(blanked(1.0))
+    quarter = blanked(0.25)
+    assert 0.18 < np.mean(quarter) < 0.32  # 400 Bernoulli(0.25) draws: about ±3 standard deviations
+    assert quarter == blanked(0.25)  # the same for (seed, epoch, index), so a resumed run blanks the same ones
+    assert quarter != blanked(0.25, epoch=1) and quarter != blanked(0.25, seed=1)
+    assert "--proportion_empty_prompts 1.5 must be in [0, 1]" in cli_error(["--proportion_empty_prompts", "1.5"], capsys)
+    # runs recorded before the flag existed (no key in their record) still resume at its default, and only there
+    assert "proportion_empty_prompts" not in train.run_config(train.parse_args([]))
+    assert train.run_config(train.parse_args(["--proportion_empty_prompts", "0.1"]))["proportion_empty_prompts"] == 0.1
 
 
 def test_model_path_that_is_not_a_pipeline(tmp_path, capsys):

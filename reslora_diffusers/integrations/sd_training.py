@@ -137,8 +137,9 @@ def transform_image(image, resolution, center_crop, random_flip, rng, interpolat
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Decodes, augments and tokenises one example; randomness depends only on (seed, epoch, index).
 
-    ``args`` needs seed, resolution, center_crop, random_flip, image_interpolation_mode, image_column and
-    caption_column (the training script's flags). An unreadable image gives ``{"bad_index": i}``.
+    ``args`` needs seed, resolution, center_crop, random_flip, image_interpolation_mode, image_column,
+    caption_column and proportion_empty_prompts (the training script's flags). An unreadable image gives
+    ``{"bad_index": i}``.
     """
 
     def __init__(self, hf_dataset, args, tokenizer):
@@ -165,6 +166,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             caption = caption[int(rng.integers(0, len(caption)))]
         if not isinstance(caption, str):
             raise TrainingError(f"Caption of example {index} is a {type(caption).__name__}, not text.")
+        if self.args.proportion_empty_prompts > 0 and rng.random() < self.args.proportion_empty_prompts:
+            caption = ""  # trains the unconditional prediction that classifier-free guidance uses
         ids = self.tokenizer(
             caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
             return_tensors="pt",
