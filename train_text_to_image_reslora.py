@@ -350,6 +350,23 @@ def create_hub_repo(args):
         ) from err
 
 
+def cpu_contention_warning(load: float, cores: int, threads: int) -> Optional[str]:
+    """A warning when other work already keeps the cores busy (1-minute ``load``) and torch would add ``threads``
+    spin-waiting threads on top; None otherwise."""
+    if threads < 2 or load < 0.9 or load + threads <= cores + 0.5:
+        return None
+    return (f"The CPU looks busy (1-minute load average {load:.1f} on {cores} cores) and torch uses {threads} threads. "
+            "If other jobs are running, start this one with OMP_NUM_THREADS=1: torch's threads spin-wait on shared "
+            "cores (the quickstart took 20 s per step instead of 0.24 s beside another 2-thread job).")
+
+
+def warn_if_cpu_is_shared(accelerator):
+    if accelerator.device.type == "cpu" and accelerator.is_main_process and hasattr(os, "getloadavg"):
+        warning = cpu_contention_warning(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads())
+        if warning:
+            accelerator.print(f"Warning: {warning}")
+
+
 def make_accelerator(args, report_to):
     """The Accelerator, after refusing the distributed modes and flag combinations ResLoRA cannot train."""
     from accelerate import Accelerator
@@ -1092,6 +1109,7 @@ def main(args):
     report_to = resolve_report_to(args.report_to)
     check_optional_features(args)
     accelerator = make_accelerator(args, report_to)
+    warn_if_cpu_is_shared(accelerator)
     hub_repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     set_seed(args.seed)
 

@@ -94,10 +94,10 @@ def runs_tb(tmp_path_factory):
 def test_run_with_the_text_encoder_reports_both_merges(runs_tb):
     log = (runs_tb["is"] / "launch.log").read_text()
     report = json.loads((runs_tb["is"] / "merge_report.json").read_text())
-    for name, part in (("UNet", report), ("Text encoder", report["text_encoder"])):
+    for title, noun, part in (("UNet", "UNet", report), ("Text encoder", "text encoder", report["text_encoder"])):
         held = part["held_out"]["relative_output_error"]
-        assert f"{name} merge 'ls': on held-out batches the export's {name.lower() if name != 'UNet' else name} " \
-               f"output differs from the trained model's by {100 * held:.1f}%." in log
+        assert f"{title} merge 'ls': on held-out batches the export's {noun} output differs from the trained " \
+               f"model's by {100 * held:.1f}%." in log
 
 
 # ------------------------------------------------------------------------------------- kohya export

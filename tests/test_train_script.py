@@ -400,6 +400,14 @@ def test_embedded_base_defaults_to_rank_64_and_decayed_shortcuts(capsys):
     assert view("--sample_view", "merged") == "merged"
 
 
+def test_cpu_contention_warning_only_when_other_work_fills_the_cores():
+    assert train.cpu_contention_warning(load=0.1, cores=2, threads=2) is None  # an idle machine
+    assert train.cpu_contention_warning(load=2.0, cores=2, threads=1) is None  # OMP_NUM_THREADS=1 already
+    assert train.cpu_contention_warning(load=1.0, cores=8, threads=4) is None  # room to spare
+    busy = train.cpu_contention_warning(load=1.0, cores=2, threads=2)  # another 1-thread job beside 2 threads
+    assert "load average 1.0 on 2 cores" in busy and "OMP_NUM_THREADS=1" in busy
+
+
 def test_merge_summary_warns_only_above_the_threshold():
     far = train.merge_summary({"method": "ls", "held_out": {"relative_output_error": 0.25}})
     near = train.merge_summary({"method": "ls", "held_out": {"relative_output_error": 0.01}})
