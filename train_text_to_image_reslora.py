@@ -53,12 +53,14 @@ from reslora_diffusers.integrations.run_dir import (
 )
 from reslora_diffusers.integrations.sd_run import (
     CALIBRATION_NAME,
+    SUGGESTED_SHORTCUT_DECAY,
     TARGET_MODULES,
     TEXT_ENCODER_STATE_DIR,
     TEXT_ENCODER_TARGET_MODULES,
     export_complete,
     export_run,
     merge_pipeline,
+    merge_summary,
     remove_export,
     save_calibration,
     split_calibration,
@@ -89,8 +91,6 @@ DATASET_ALIASES = {
 }
 EMBEDDED_DATASET = "pokemon-style"
 EXPORT_SAMPLES_DIR = "export"  # samples/export/: from the exported file, loaded by stock diffusers
-#: held-out relative UNet output error of an is/ms merge above which the end of training warns
-MERGE_ERROR_WARNING = 0.05
 # defaults for the embedded tiny base (a short CPU run); hub models get diffusers' defaults
 # (rank 64: at rank 4 the tiny base's 32-96-wide projections keep ~10 of 48 colour words fewer, docs/unet_subsets.md)
 EMBEDDED_DEFAULTS = dict(resolution=64, train_batch_size=8, max_train_steps=300, learning_rate=1e-3, sample_steps=50,
@@ -99,7 +99,9 @@ HUB_DEFAULTS = dict(resolution=512, train_batch_size=1, max_train_steps=None, le
                     rank=4)
 #: the embedded base's is/ms runs anneal their shortcuts (merge-aware training) unless told otherwise: at rank 64 the
 #: ls merge of an undecayed run is 37-41% off the trained model. merge_summary suggests the same window to any run.
-EMBEDDED_SHORTCUT_DECAY = (0.3, 0.8)
+EMBEDDED_SHORTCUT_DECAY = SUGGESTED_SHORTCUT_DECAY
+#: the end-of-run merge warning's pointer to the samples
+SAMPLES_ADVICE = "samples/export shows the export; --sample_view trained draws the trained model in samples/step-N. "
 #: what the snapshots draw: the merge an export at that step would give, or the model being trained
 SAMPLE_VIEWS = ("merged", "trained")
 POSITIVE_INTS = [
@@ -1033,37 +1035,7 @@ def export(args, accelerator, models, schedules, snapshots, state, calibration, 
                                "skipped_images": len(state.bad_images), **reports})
     sample_from_export(args, snapshots, models.path, args.output_dir, models.weight_dtype, state.global_step)
     accelerator.print(f"Done: {state.global_step} steps in {elapsed:.0f}s. Merged LoRA in {args.output_dir}.")
-    accelerator.print(merge_summary(report))
-
-
-def merge_summary(report: dict) -> str:
-    """How far the exported LoRA is from the trained model, per trained part (the UNet, and the text encoder
-    with --train_text_encoder), with the fix when a part is far (``merge_report.json``)."""
-    parts = {"UNet": report}
-    if "text_encoder" in report:
-        parts["text encoder"] = report["text_encoder"]
-    if all(part["method"] == "exact" for part in parts.values()):
-        return "The export is exact: it computes what was trained."
-    lines = [merge_line(name, part) for name, part in parts.items()]
-    if any(part.get("held_out", {}).get("relative_output_error", 0.0) > MERGE_ERROR_WARNING for part in parts.values()):
-        lines.append(
-            f"Warning: that is more than {MERGE_ERROR_WARNING:.0%}, so the export may not draw what training learned. "
-            "samples/export shows the export; --sample_view trained draws the trained model in samples/step-N. For "
-            f"an export that is exactly the trained model, train with --shortcut_decay {EMBEDDED_SHORTCUT_DECAY[0]} "
-            f"{EMBEDDED_SHORTCUT_DECAY[1]} (or --merge_at 0.6), or use --reslora_structure bs or none.")
-    return " ".join(lines)
-
-
-def merge_line(name: str, part: dict) -> str:
-    """One trained part's merge: exact, its held-out output error, or unmeasured."""
-    held = part.get("held_out", {}).get("relative_output_error")
-    title = name[:1].upper() + name[1:]
-    if part["method"] == "exact":
-        return f"The {name} export is exact."
-    if held is None:
-        return f"{title} merge '{part['method']}': its error was not measured (no held-out calibration batches)."
-    return (f"{title} merge '{part['method']}': on held-out batches the export's {name} output differs from the "
-            f"trained model's by {held:.1%}.")
+    accelerator.print(merge_summary(report, SAMPLES_ADVICE))
 
 
 def upload(args, hub_repo_id):

@@ -169,6 +169,11 @@ def test_remerge_cli_rewrites_export_with_another_method(runs, tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     assert report["method"] == "ls"
     assert (out / "pytorch_lora_weights.safetensors").exists()
+    # it ends with the same summary as training does, warning above 5%
+    held = report["held_out"]["relative_output_error"]
+    assert f"UNet merge 'ls': on held-out batches the export's UNet output differs from the trained model's by " \
+           f"{100 * held:.1f}%." in proc.stdout
+    assert ("Warning: that is more than 5%" in proc.stdout) == (held > 0.05)
 
 
 def test_resume_reaches_the_same_weights_and_statistics(tmp_path):

@@ -19,7 +19,14 @@ import sys
 from ..core.config import MERGE_METHODS
 from ..core.export import EXPORT_FORMATS, STATE_CONFIG_NAME, load_training_state, read_training_state_config
 from .run_dir import MANIFEST_NAME
-from .sd_run import CALIBRATION_NAME, TEXT_ENCODER_STATE_DIR, export_run, load_calibration, load_text_calibration
+from .sd_run import (
+    CALIBRATION_NAME,
+    TEXT_ENCODER_STATE_DIR,
+    export_run,
+    load_calibration,
+    load_text_calibration,
+    merge_summary,
+)
 
 
 def is_checkpoint(path: str) -> bool:
@@ -70,7 +77,8 @@ def remerge(args) -> str:
     held = report.get("held_out", {})
     return (
         f"Merged '{report['structure']}' with '{args.merge}' into {out}: held-out relative UNet output error "
-        f"{held.get('relative_output_error', float('nan')):.3g}, adapter error {held.get('relative_adapter_error', float('nan')):.3g}"
+        f"{held.get('relative_output_error', float('nan')):.3g}, adapter error "
+        f"{held.get('relative_adapter_error', float('nan')):.3g}.\n{merge_summary(report)}"
     )
 
 

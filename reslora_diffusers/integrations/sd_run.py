@@ -35,6 +35,10 @@ CARD_NAME = "README.md"
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention (--train_text_encoder)
 TEXT_ENCODER_STATE_DIR = "text_encoder"  # its training state, in a subfolder of the run or checkpoint
+#: held-out relative output error of an is/ms merge above which a merge (end of training, re-merge) warns
+MERGE_ERROR_WARNING = 0.05
+#: the --shortcut_decay window the warning suggests (the training script's default on its embedded base)
+SUGGESTED_SHORTCUT_DECAY = (0.3, 0.8)
 
 
 def unet_forward(unet, batch):
@@ -244,3 +248,33 @@ def model_card(output_dir: str, info: dict) -> str:
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def merge_summary(report: dict, advice: str = "") -> str:
+    """How far an export is from the trained model, per trained part (the UNet, and the text encoder when it was
+    trained), with the fix when a part is far (``merge_report.json``); ``advice`` goes before the fix."""
+    parts = {"UNet": report}
+    if "text_encoder" in report:
+        parts["text encoder"] = report["text_encoder"]
+    if all(part["method"] == "exact" for part in parts.values()):
+        return "The export is exact: it computes what was trained."
+    lines = [merge_line(name, part) for name, part in parts.items()]
+    if any(part.get("held_out", {}).get("relative_output_error", 0.0) > MERGE_ERROR_WARNING for part in parts.values()):
+        lines.append(
+            f"Warning: that is more than {MERGE_ERROR_WARNING:.0%}, so the export may not draw what training learned. "
+            f"{advice}For an export that is exactly the trained model, train with --shortcut_decay "
+            f"{SUGGESTED_SHORTCUT_DECAY[0]} {SUGGESTED_SHORTCUT_DECAY[1]} (or --merge_at 0.6), or use "
+            "--reslora_structure bs or none.")
+    return " ".join(lines)
+
+
+def merge_line(name: str, part: dict) -> str:
+    """One trained part's merge: exact, its held-out output error, or unmeasured."""
+    held = part.get("held_out", {}).get("relative_output_error")
+    title = name[:1].upper() + name[1:]
+    if part["method"] == "exact":
+        return f"The {name} export is exact."
+    if held is None:
+        return f"{title} merge '{part['method']}': its error was not measured (no held-out calibration batches)."
+    return (f"{title} merge '{part['method']}': on held-out batches the export's {name} output differs from the "
+            f"trained model's by {held:.1%}.")
