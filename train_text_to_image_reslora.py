@@ -113,6 +113,8 @@ NON_NEGATIVE = ["lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "n
 POSITIVE_FLOATS = ["learning_rate", "adam_epsilon", "snr_gamma"]
 #: flags added after runs were recorded, with the value that computes what those runs computed
 LATER_FLAGS = {"proportion_empty_prompts": 0.0}
+#: flags whose whole effect is another recorded flag (--no_shortcut_decay only decides --shortcut_decay)
+RESOLVED_FLAGS = {"no_shortcut_decay"}
 # flags that do not change what a run computes: a resume may change them
 OPERATIONAL_FLAGS = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "simulate_interrupt_at_step", "report_to", "logging_dir",
@@ -299,9 +301,10 @@ def check_output_dir(path):
 
 def run_config(args):
     """What determines a run's result: a resume must match it. A flag added after runs were recorded is left out
-    at the default that reproduces those runs (``LATER_FLAGS``), so they still resume."""
-    return {k: v for k, v in vars(args).items()
-            if k not in OPERATIONAL_FLAGS and not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
+    at the default that reproduces those runs (``LATER_FLAGS``), and a flag recorded through another one
+    (``RESOLVED_FLAGS``) is left out, so runs recorded before them still resume."""
+    return {k: v for k, v in vars(args).items() if k not in OPERATIONAL_FLAGS and k not in RESOLVED_FLAGS
+            and not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
 
 
 # ---------------------------------------------------------------------------------------- setup

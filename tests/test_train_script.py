@@ -398,6 +398,12 @@ def test_embedded_base_defaults_to_rank_64_and_decayed_shortcuts(capsys):
     assert parsed("--pretrained_model_name_or_path", "owner/sd2") == (4, 4.0, None, None)
     err = cli_error(["--no_shortcut_decay", "--shortcut_decay", "0.3", "0.8"], capsys)
     assert "--no_shortcut_decay and --shortcut_decay contradict" in err
+    # --no_shortcut_decay is recorded through --shortcut_decay only, so runs recorded before it existed (rank 4, no
+    # decay) resume with --rank 4 --no_shortcut_decay, and hub runs with no flag at all
+    record = lambda *argv: train.run_config(train.parse_args(list(argv)))  # noqa: E731
+    assert "no_shortcut_decay" not in record() and "no_shortcut_decay" not in record("--no_shortcut_decay")
+    assert (record()["shortcut_decay"], record("--no_shortcut_decay")["shortcut_decay"]) == ([0.3, 0.8], None)
+    assert record("--rank", "4", "--no_shortcut_decay")["rank"] == 4
     # snapshots show the trained model exactly when the export will be it
     view = lambda *argv: train.parse_args(list(argv)).sample_view  # noqa: E731
     assert view() == view("--merge_at", "0.6") == view("--pretrained_model_name_or_path", "o/sd2", "--merge_at", "0.5") == "trained"
