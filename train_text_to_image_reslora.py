@@ -45,6 +45,7 @@ from reslora_diffusers.integrations.run_dir import (
     RunDirError,
     acquire_lock,
     check_ownership,
+    check_schedule_steps,
     clear_run_outputs,
     latest_checkpoint,
     save_checkpoint,
@@ -115,11 +116,13 @@ POSITIVE_FLOATS = ["learning_rate", "adam_epsilon", "snr_gamma"]
 LATER_FLAGS = {"proportion_empty_prompts": 0.0}
 #: flags whose whole effect is another recorded flag (--no_shortcut_decay only decides --shortcut_decay)
 RESOLVED_FLAGS = {"no_shortcut_decay"}
+#: flags never written anywhere (run record, trackers): the record and the logs may be uploaded or shared
+SECRET_FLAGS = {"hub_token"}
 # flags that do not change what a run computes: a resume may change them
 OPERATIONAL_FLAGS = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "simulate_interrupt_at_step", "report_to", "logging_dir",
     "dataloader_num_workers", "cache_dir", "checkpointing_steps", "checkpoints_total_limit", "max_train_steps",
-    "num_train_epochs", "reslora_config", "sample_view",
+    "num_train_epochs", "reslora_config", "sample_view", "push_to_hub", "hub_model_id", *SECRET_FLAGS,
 }
 
 
@@ -307,6 +310,11 @@ def run_config(args):
             and not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
 
 
+def tracker_config(args) -> dict:
+    """The flags logged to tensorboard/wandb: the scalar ones, never a secret (``SECRET_FLAGS``)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k not in SECRET_FLAGS}
+
+
 # ---------------------------------------------------------------------------------------- setup
 def resolve_report_to(value):
     import importlib.util
@@ -333,9 +341,6 @@ def check_optional_features(args):
         if not torch.cuda.is_available():
             raise TrainingError(f"{flag} needs a CUDA GPU ({package}); none is available. Drop {flag} on this machine.")
     if args.push_to_hub:
-        if args.report_to == "wandb" and args.hub_token is not None:
-            raise TrainingError("--hub_token with --report_to wandb would expose the token in the run config; "
-                                "log in with `hf auth login` instead of passing --hub_token.")
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             raise TrainingError("--push_to_hub needs the Hugging Face hub, but HF_HUB_OFFLINE is set. Unset it, or "
                                 "drop --push_to_hub and upload the output_dir later (`hf upload`).")
@@ -418,11 +423,25 @@ def resolve_checkpoint(args):
 def check_run_folder(args, accelerator):
     """The output dir is ours (or ours to resume): returns (checkpoint to resume from or None, its step)."""
     check_ownership(args.output_dir, run_config(args), bool(args.resume_from_checkpoint), args.overwrite_output_dir,
-                    finished=export_complete(args.output_dir))
+                    finished=export_complete(args.output_dir), ignored=OPERATIONAL_FLAGS | RESOLVED_FLAGS)
     resume_path, resume_step = resolve_checkpoint(args)
     if args.resume_from_checkpoint and resume_path is None:
         accelerator.print(f"No checkpoint to resume from in {args.output_dir}; starting a new run.")
     return resume_path, resume_step
+
+
+#: learning-rate schedules that do not depend on --max_train_steps
+LENGTH_FREE_LR_SCHEDULERS = ("constant", "constant_with_warmup")
+
+
+def run_length_schedules(args) -> list[str]:
+    """The flags whose schedule spans the whole run (fractions of --max_train_steps)."""
+    spans = [] if args.lr_scheduler in LENGTH_FREE_LR_SCHEDULERS else [f"--lr_scheduler {args.lr_scheduler}"]
+    if args.shortcut_decay:
+        spans.append("--shortcut_decay")
+    if args.merge_at is not None:
+        spans.append("--merge_at")
+    return spans
 
 
 def claim_output_dir(args, resume_path, resume_step, calibration, text_calibration=None):
@@ -433,7 +452,8 @@ def claim_output_dir(args, resume_path, resume_step, calibration, text_calibrati
     elif resume_step < args.max_train_steps:  # training goes on: an export in the dir is not of this trajectory's end
         remove_export(args.output_dir)
     inside = resume_path is not None and resume_path.resolve().parent == Path(args.output_dir).resolve()
-    write_run_record(args.output_dir, run_config(args), resume_path.name if inside else None)
+    write_run_record(args.output_dir, run_config(args), resume_path.name if inside else None,
+                     args.max_train_steps if run_length_schedules(args) else None)
     if resume_path is None or not os.path.exists(os.path.join(args.output_dir, CALIBRATION_NAME)):
         save_calibration(calibration, args.output_dir, text_calibration)
 
@@ -1098,6 +1118,8 @@ def main(args):
                 "card": card, "steps": resume_step}
     load_model_hook = register_state_hooks(accelerator, run_info)
     opt = prepare_training(args, accelerator, models, raw)
+    if resume_path is not None:
+        check_schedule_steps(args.output_dir, args.max_train_steps, run_length_schedules(args))
     if resume_step >= args.max_train_steps and export_complete(args.output_dir):
         accelerator.print(f"{args.output_dir} is trained to step {resume_step} (--max_train_steps {args.max_train_steps}) "
                           "and exported; nothing to do.")
@@ -1110,7 +1132,7 @@ def main(args):
         claim_output_dir(args, resume_path, resume_step, calibration, text_calibration)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and report_to != "none":
-        accelerator.init_trackers("reslora", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("reslora", config=tracker_config(args))
     resume_skip = resume(args, accelerator, models, opt, resume_path, resume_step, load_model_hook) if resume_path else 0
     state = LoopState(global_step=resume_step)  # 0 without a checkpoint
     schedules = make_schedules(args, accelerator, models, opt.optimizer, calibration, text_calibration)

@@ -176,7 +176,7 @@ def test_remerge_cli_rewrites_export_with_another_method(runs, tmp_path):
     assert ("Warning: that is more than 5%" in proc.stdout) == (held > 0.05)
 
 
-def test_resume_reaches_the_same_weights_and_statistics(tmp_path):
+def test_resume_reaches_the_same_weights_and_statistics(tmp_path, capsys):
     common = ["--reslora_structure", "is", "--lr_scheduler", "cosine", "--max_train_steps", "6",
               "--checkpointing_steps", "3", "--sample_steps", "100", "--train_batch_size", "4",
               "--pokemon_style_size", "12", "--sample_num_inference_steps", "2", "--report_to", "none",
@@ -188,6 +188,11 @@ def test_resume_reaches_the_same_weights_and_statistics(tmp_path):
     assert "Stopped at step 4; resume with --resume_from_checkpoint latest" in proc.stdout + proc.stderr
     assert (parts / "checkpoint-4").is_dir() and not list(parts.glob(".checkpoint-*"))
     assert not (parts / "pytorch_lora_weights.safetensors").exists()
+    # the cosine schedule spans the 6 steps: a longer resume would bring the learning rate back
+    err = cli_error(["--output_dir", str(parts), *common, "--resume_from_checkpoint", "latest", "--max_train_steps", "8"],
+                    capsys)
+    assert "--max_train_steps 8 differs from the 6 steps" in err and "--lr_scheduler cosine" in err
+    assert json.loads((parts / "reslora_run.json").read_text())["schedule_steps"] == 6
     run_script(["--output_dir", str(parts), "--resume_from_checkpoint", "latest", *common])
     a = load_file(str(full / "reslora_training_state.safetensors"))
     b = load_file(str(parts / "reslora_training_state.safetensors"))
@@ -409,6 +414,39 @@ def test_embedded_base_defaults_to_rank_64_and_decayed_shortcuts(capsys):
     assert view() == view("--merge_at", "0.6") == view("--pretrained_model_name_or_path", "o/sd2", "--merge_at", "0.5") == "trained"
     assert view("--no_shortcut_decay") == view("--reslora_structure", "bs") == view("--pretrained_model_name_or_path", "o/sd2") == "merged"
     assert view("--sample_view", "merged") == "merged"
+
+
+def test_hub_token_is_never_recorded_and_old_records_holding_it_still_resume(tmp_path):
+    from reslora_diffusers.integrations.run_dir import RunDirError, check_ownership, write_run_record
+
+    args = train.parse_args(["--push_to_hub", "--hub_token", "hf_SECRET", "--hub_model_id", "me/creatures"])
+    config = train.run_config(args)
+    assert not {"hub_token", "push_to_hub", "hub_model_id"} & set(config)
+    assert "hub_token" not in train.tracker_config(args) and train.tracker_config(args)["rank"] == 64
+    # a record written before: it holds the token and the hub flags; resuming compares neither, nor prints them
+    write_run_record(str(tmp_path), {**config, "hub_token": "hf_OLD", "push_to_hub": True, "hub_model_id": None}, None)
+    ignored = train.OPERATIONAL_FLAGS | train.RESOLVED_FLAGS
+    check_ownership(str(tmp_path), config, resume=True, overwrite=False, finished=False, ignored=ignored)
+    with pytest.raises(RunDirError) as err:
+        check_ownership(str(tmp_path), {**config, "rank": 8}, resume=True, overwrite=False, finished=False, ignored=ignored)
+    assert "--rank 64 (saved) vs 8 (now)" in str(err.value) and "hf_OLD" not in str(err.value)
+
+
+def test_a_resume_may_change_max_train_steps_only_when_no_schedule_spans_the_run(tmp_path):
+    from reslora_diffusers.integrations.run_dir import RunDirError, check_schedule_steps, write_run_record
+
+    spans = lambda *argv: train.run_length_schedules(train.parse_args(list(argv)))  # noqa: E731
+    assert spans(*QUICK) == [] and spans(*QUICK, "--lr_scheduler", "constant_with_warmup") == []
+    assert spans() == ["--shortcut_decay"]  # the embedded default anneals its shortcuts
+    assert spans(*QUICK, "--lr_scheduler", "cosine") == ["--lr_scheduler cosine"]
+    assert spans(*QUICK, "--merge_at", "0.5") == ["--merge_at"]
+    write_run_record(str(tmp_path), {"seed": 0}, None)  # a record from before schedule_steps: not checked
+    check_schedule_steps(str(tmp_path), 8, ["--shortcut_decay"])
+    write_run_record(str(tmp_path), {"seed": 0}, None, schedule_steps=4)
+    check_schedule_steps(str(tmp_path), 4, ["--shortcut_decay"])
+    check_schedule_steps(str(tmp_path), 8, [])
+    with pytest.raises(RunDirError, match=r"--max_train_steps 8 differs from the 4 steps .* --shortcut_decay span"):
+        check_schedule_steps(str(tmp_path), 8, ["--shortcut_decay"])
 
 
 def test_cpu_contention_warning_only_when_other_work_fills_the_cores():

@@ -66,20 +66,41 @@ def read_run_record(output_dir: str):
     return read_json(path) if os.path.exists(path) else None
 
 
-def write_run_record(output_dir: str, config: dict, head):
-    atomic_write_text(json.dumps({"config": config, "head": head}, indent=2, sort_keys=True), os.path.join(output_dir, RUN_RECORD_NAME))
+def write_run_record(output_dir: str, config: dict, head, schedule_steps=None):
+    """The run's configuration, its trajectory head and, when a schedule spans the run, the steps it spans."""
+    record = {"config": config, "head": head}
+    if schedule_steps is not None:
+        record["schedule_steps"] = schedule_steps
+    atomic_write_text(json.dumps(record, indent=2, sort_keys=True), os.path.join(output_dir, RUN_RECORD_NAME))
 
 
 def set_head(output_dir: str, head):
-    write_run_record(output_dir, read_run_record(output_dir)["config"], head)
+    record = read_run_record(output_dir)
+    write_run_record(output_dir, record["config"], head, record.get("schedule_steps"))
+
+
+def check_schedule_steps(output_dir: str, steps: int, schedules: list[str]):
+    """Refuse to resume a run whose schedules span another number of steps (``schedules``: the flags that span
+    the run; empty when none does). Records without ``schedule_steps`` are not checked."""
+    record = read_run_record(output_dir) if os.path.isdir(output_dir) else None
+    saved = (record or {}).get("schedule_steps")
+    if saved is None or saved == steps or not schedules:
+        return
+    raise RunDirError(
+        f"--max_train_steps {steps} differs from the {saved} steps the run in {output_dir} was started with, and "
+        f"{' and '.join(schedules)} span the whole run: resuming with another length would move them (the learning "
+        f"rate or the shortcut weight would jump back). Resume with --max_train_steps {saved}, or train the longer "
+        "schedule as a new run (--overwrite_output_dir or another --output_dir)."
+    )
 
 
 def run_outputs(output_dir: str) -> list[str]:
     return sorted({p for pattern in RUN_OUTPUTS for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
 
 
-def check_ownership(output_dir: str, config: dict, resume: bool, overwrite: bool, finished: bool):
-    """Refuse to write into a dir that holds another run, or this run with another configuration."""
+def check_ownership(output_dir: str, config: dict, resume: bool, overwrite: bool, finished: bool, ignored=frozenset()):
+    """Refuse to write into a dir that holds another run, or this run with another configuration. Keys in
+    ``ignored`` are not compared (and never printed): a record written before they left the record may hold them."""
     if overwrite or not os.path.isdir(output_dir):
         return
     record = read_run_record(output_dir)
@@ -97,7 +118,7 @@ def check_ownership(output_dir: str, config: dict, resume: bool, overwrite: bool
             "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another --output_dir."
         )
     config = json.loads(json.dumps(config))
-    saved = record.get("config", {})
+    saved = {k: v for k, v in record.get("config", {}).items() if k not in ignored}
     changed = [f"--{k} {saved.get(k)!r} (saved) vs {config.get(k)!r} (now)" for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
     if changed:
         raise RunDirError(
