@@ -978,9 +978,7 @@ def train_epoch(args, accelerator, models, opt, schedules, snapshots, state, sto
     micro = 0
     accumulated = torch.zeros((), device=accelerator.device)
     for batch in loader:
-        state.bad_images.update(batch["bad_indices"].tolist())
-        if "pixel_values" not in batch:
-            continue
+        state.bad_images.update(batch["bad_indices"])
         accumulated += micro_step(args, accelerator, models, opt, batch, state.global_step, micro) \
             / args.gradient_accumulation_steps
         micro += 1
@@ -1031,8 +1029,8 @@ def train(args, accelerator, models, opt, schedules, snapshots, state, resume_sk
         finally:
             progress.close()
             if state.bad_images:
-                accelerator.print(f"Skipped {len(state.bad_images)} unreadable image(s) (--on_bad_image skip): "
-                                  f"{sorted(state.bad_images)[:20]}")
+                accelerator.print(f"Skipped {len(state.bad_images)} unreadable image(s) (--on_bad_image skip; the next "
+                                  f"readable example took each one's place): {sorted(state.bad_images)[:20]}")
     return 0
 
 

@@ -355,11 +355,43 @@ def test_corrupt_image_fails_clearly_or_is_skipped(tmp_path, capsys):
     folder = make_imagefolder(tmp_path / "data", corrupt=True)
     err = cli_error(["--train_data_dir", str(folder), "--on_bad_image", "error", "--output_dir", str(tmp_path / "o")], capsys)
     assert "1 unreadable image(s)" in err and "#3" in err
+    # batch size 1: the broken image's batch is a whole batch, which must still be a step (4 examples, 4 steps)
     proc = run_script(
-        ["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "skip"), "--max_train_steps", "2",
-         "--train_batch_size", "4", "--sample_steps", "100", "--sample_num_inference_steps", "1", "--report_to", "none"]
+        ["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "skip"), "--max_train_steps", "4",
+         "--train_batch_size", "1", "--sample_steps", "100", "--sample_num_inference_steps", "1", "--report_to", "none",
+         "--calibration_batches", "1", "--rank", "4", "--no_shortcut_decay"]
     )
-    assert "Skipped 1 unreadable image(s)" in proc.stdout + proc.stderr
+    assert "Skipped 1 unreadable image(s)" in proc.stdout + proc.stderr and "Done: 4 steps" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "skip" / "merge_report.json").read_text())["steps"] == 4
+
+
+def test_an_unreadable_image_is_replaced_by_the_next_readable_example():
+    from types import SimpleNamespace
+
+    from reslora_diffusers.integrations.sd_training import ImageCaptionDataset, collate
+
+    images = [Image.new("RGB", (8, 8), (60 * i, 0, 0)) for i in range(3)]
+    rows = [{"image": images[0], "text": "a"}, {"image": {"bytes": b"not a png", "path": None}, "text": "b"},
+            {"image": {"bytes": b"nor this", "path": None}, "text": "c"}, {"image": images[2], "text": "d"}]
+    args = SimpleNamespace(seed=0, resolution=8, center_crop=False, random_flip=False, image_interpolation_mode="bilinear",
+                           image_column="image", caption_column="text", proportion_empty_prompts=0.0)
+    class Tokenizer:  # the first letter's code
+        model_max_length = 1
+
+        def __call__(self, text, **kwargs):
+            return SimpleNamespace(input_ids=torch.tensor([[ord(text[0])]]))
+
+    tokenizer = Tokenizer()
+    data = ImageCaptionDataset(rows, args, tokenizer)
+    red = lambda example: round(float((example["pixel_values"][0].mean() + 1) * 127.5))  # noqa: E731
+    assert [red(data[i]) for i in range(4)] == [0, 120, 120, 120]  # rows 1 and 2 read as row 3
+    assert [data[i].get("bad_index") for i in range(4)] == [None, 1, 2, None]
+    assert data[1]["input_ids"].tolist() == [ord("d")]  # the stand-in's own caption
+    batch = collate([data[i] for i in range(4)])
+    assert batch["pixel_values"].shape[0] == 4 and batch["bad_indices"] == [1, 2]
+    rows[3]["image"] = {"bytes": b"broken too", "path": None}
+    data = ImageCaptionDataset(rows, args, tokenizer)
+    assert red(data[3]) == 0  # wraps around to row 0
 
 
 def test_script_refuses_sharded_modes_before_training(monkeypatch, capsys):

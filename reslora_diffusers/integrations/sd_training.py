@@ -138,8 +138,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     """Decodes, augments and tokenises one example; randomness depends only on (seed, epoch, index).
 
     ``args`` needs seed, resolution, center_crop, random_flip, image_interpolation_mode, image_column,
-    caption_column and proportion_empty_prompts (the training script's flags). An unreadable image gives
-    ``{"bad_index": i}``.
+    caption_column and proportion_empty_prompts (the training script's flags). An unreadable image is replaced by
+    the next readable example, marked ``"bad_index": i``: every batch stays full, so the step count is the one
+    planned and, with several processes, every process steps together.
     """
 
     def __init__(self, hf_dataset, args, tokenizer):
@@ -155,12 +156,23 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index):
-        row = self.data[int(index)]
-        rng = np.random.default_rng([self.args.seed, self.epoch, int(index)])
+        index = int(index)
+        for offset in range(len(self.data)):
+            example = self.example((index + offset) % len(self.data))
+            if example is not None:
+                if offset:
+                    example["bad_index"] = index
+                return example
+        raise TrainingError("No image of the dataset could be read. Check --image_column and the image files.")
+
+    def example(self, index):
+        """The decoded, augmented and tokenised example ``index``, or None if its image cannot be read."""
+        row = self.data[index]
+        rng = np.random.default_rng([self.args.seed, self.epoch, index])
         try:
             image = open_image(row[self.args.image_column])
         except Exception:
-            return {"bad_index": int(index)}
+            return None
         caption = row[self.args.caption_column]
         if isinstance(caption, (list, tuple, np.ndarray)):
             caption = caption[int(rng.integers(0, len(caption)))]
@@ -178,13 +190,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 
 def collate(examples):
-    """Stack the readable examples; ``bad_indices`` lists the unreadable ones."""
-    good = [e for e in examples if "bad_index" not in e]
-    batch = {"bad_indices": torch.tensor([e["bad_index"] for e in examples if "bad_index" in e], dtype=torch.long)}
-    if good:
-        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in good])
-        batch["input_ids"] = torch.stack([e["input_ids"] for e in good])
-    return batch
+    """Stack the examples; ``bad_indices`` lists the unreadable images that another example stood in for."""
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "input_ids": torch.stack([e["input_ids"] for e in examples]),
+            "bad_indices": [e["bad_index"] for e in examples if "bad_index" in e]}  # a list: stays on the host
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
