@@ -670,6 +670,12 @@ class Optimization:
     num_epochs: int
 
 
+def steps_per_epoch(num_batches: int, num_processes: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps in one epoch of ``num_batches`` batches: accelerate gives each process ceil(num_batches / N)
+    of them (padding the last round), and a step takes ``gradient_accumulation_steps`` of those (or an epoch's rest)."""
+    return math.ceil(math.ceil(num_batches / num_processes) / gradient_accumulation_steps)
+
+
 def prepare_training(args, accelerator, models, raw):
     """The dataloader, optimizer and LR schedule, prepared by accelerate; fills --max_train_steps from the epochs."""
     from diffusers.optimization import get_scheduler
@@ -693,7 +699,9 @@ def prepare_training(args, accelerator, models, raw):
     optimizer = optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+        # before prepare: the dataloader is not yet split across the processes
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch(len(dataloader), accelerator.num_processes,
+                                                                       args.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,

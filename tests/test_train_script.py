@@ -365,6 +365,18 @@ def test_corrupt_image_fails_clearly_or_is_skipped(tmp_path, capsys):
     assert json.loads((tmp_path / "skip" / "merge_report.json").read_text())["steps"] == 4
 
 
+def test_epochs_count_the_batches_each_process_gets():
+    """--num_train_epochs sets --max_train_steps from the batches one process sees (accelerate's own split)."""
+    import math
+
+    from accelerate.data_loader import prepare_data_loader
+
+    for items, batch, processes, accumulation in [(12, 2, 2, 1), (13, 2, 2, 2), (7, 3, 2, 1), (20, 4, 1, 3), (9, 1, 4, 2)]:
+        loader = torch.utils.data.DataLoader(range(items), batch_size=batch)
+        shard = prepare_data_loader(loader, num_processes=processes, process_index=0, put_on_device=False)
+        assert train.steps_per_epoch(len(loader), processes, accumulation) == math.ceil(len(shard) / accumulation)
+
+
 def test_an_unreadable_image_is_replaced_by_the_next_readable_example():
     from types import SimpleNamespace
 
