@@ -270,6 +270,12 @@ def test_remerge_writes_a_consistent_set_and_refuses_checkpoints(finished, tmp_p
     card = (run / "README.md").read_text()
     assert "| merge | no |" in card and f"{report['held_out']['relative_output_error']:.3g}" in card
     assert "| steps | 4 |" in card
+    assert "ComfyUI / AUTOMATIC1111: put `pytorch_lora_weights_kohya.safetensors`" in (finished / "README.md").read_text()
+    assert "ComfyUI / AUTOMATIC1111" in card  # both formats, so the card names the kohya file
+    # a narrower format: the other format's old file goes, and the card stops pointing to it
+    assert merge_cli.main([str(run), "--merge", "ls", "--export_format", "diffusers"]) == 0
+    assert not (run / "pytorch_lora_weights_kohya.safetensors").exists() and (run / EXPORT[0]).exists()
+    assert "ComfyUI" not in (run / "README.md").read_text() and export_complete(str(run))
     capsys.readouterr()
 
     checkpoint = run / "checkpoint-4"

@@ -153,10 +153,12 @@ def export_run(unet, output_dir: str, method: str, calibration_batches: Optional
         if card is not None:
             merge = report["method"]  # "exact" for bs, and for is/ms once the shortcuts are gone (lambda = 0)
             held = report.get("held_out", {}).get("relative_output_error")
-            info = {**card, "merge": merge, "steps": report.get("steps"), "held_out_error": held,
-                    "weight_name": names[0]}
+            info = {**card, "merge": merge, "steps": report.get("steps"), "held_out_error": held, "files": list(names)}
             atomic_write_text(model_card(output_dir, info), os.path.join(staging, CARD_NAME))
             names.append(CARD_NAME)
+        for name in (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME):  # a file of another --export_format: not this export
+            if name not in names and os.path.exists(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
         for name in [*names, REPORT_NAME]:
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
     return report
@@ -223,11 +225,10 @@ def model_card(output_dir: str, info: dict) -> str:
         "## How to use",
         "",
     ]
-    if os.path.exists(os.path.join(output_dir, KOHYA_WEIGHT_NAME)):
+    files = info["files"]  # the LoRA files of this export
+    if KOHYA_WEIGHT_NAME in files:
         lines += [f"ComfyUI / AUTOMATIC1111: put `{KOHYA_WEIGHT_NAME}` in the LoRA folder. diffusers:", ""]
-    weight_name = info.get("weight_name") or (
-        DIFFUSERS_WEIGHT_NAME if os.path.exists(os.path.join(output_dir, DIFFUSERS_WEIGHT_NAME)) else KOHYA_WEIGHT_NAME
-    )
+    weight_name = DIFFUSERS_WEIGHT_NAME if DIFFUSERS_WEIGHT_NAME in files else KOHYA_WEIGHT_NAME
     lines += [
         "```python",
         "import torch",
