@@ -109,6 +109,7 @@ POSITIVE_INTS = [
     "resolution", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
     "checkpointing_steps", "checkpoints_total_limit", "sample_steps", "num_validation_images", "sample_num_inference_steps",
     "calibration_batches", "max_train_samples", "pokemon_style_size", "merge_window", "rank", "simulate_interrupt_at_step",
+    "validation_epochs",
 ]
 NON_NEGATIVE = ["lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "noise_offset", "adam_weight_decay", "sample_guidance_scale"]
 POSITIVE_FLOATS = ["learning_rate", "adam_epsilon", "snr_gamma"]
@@ -250,7 +251,10 @@ def fill_defaults(args):
         args.shortcut_decay = list(EMBEDDED_SHORTCUT_DECAY)
     if args.sample_view is None:
         args.sample_view = "trained" if args.shortcut_decay or args.merge_at is not None else "merged"
-    if args.dataset is None and args.dataset_name is None and args.train_data_dir is None:
+    sources = [f"--{name}" for name in ("dataset", "dataset_name", "train_data_dir") if getattr(args, name)]
+    if len(sources) > 1:
+        raise TrainingError(f"{' and '.join(sources)} both name the training data; pass only one of them.")
+    if not sources:
         args.dataset = EMBEDDED_DATASET
     validate_flags(args)
     if args.dataset is not None and "/" not in args.dataset and args.dataset != EMBEDDED_DATASET \

@@ -234,5 +234,8 @@ def test_config_validation_errors():
     with pytest.raises(ValueError, match="Unknown merge method"):
         model = make(CASES["sequential"], "is")
         merge_reslora(model, method="magic")
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="svd_rank must be a positive integer"):
+            merge_reslora(make(CASES["sequential"], "bs"), method="ls", svd_rank=bad)
     with pytest.raises(ValueError, match="No nn.Linear matched|Target modules"):
         inject_reslora(CASES["sequential"].build(), ResLoRAConfig(target_modules=["nope"]))

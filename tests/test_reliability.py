@@ -228,6 +228,7 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_offered(finished, tmp_
     ("--resolution", "0"), ("--checkpointing_steps", "0"), ("--sample_steps", "0"), ("--gradient_accumulation_steps", "0"),
     ("--max_train_samples", "0"), ("--sample_num_inference_steps", "0"), ("--num_validation_images", "0"),
     ("--calibration_batches", "0"), ("--train_batch_size", "0"), ("--learning_rate", "-1"), ("--max_train_steps", "0"),
+    ("--validation_epochs", "-1"), ("--validation_epochs", "0"),
 ])
 def test_bad_value_is_refused_naming_the_flag(flag, value, tmp_path):
     with pytest.raises(train.TrainingError, match=f"{flag} {value}(\\.0)? must be greater than 0"):

@@ -335,6 +335,8 @@ def test_model_path_that_is_not_a_pipeline(tmp_path, capsys):
 
 def test_unknown_alias_structure_and_pre_num(tmp_path, capsys):
     assert "Unknown dataset alias 'pokemon'" in cli_error(["--dataset", "pokemon"], capsys)
+    err = cli_error(["--train_data_dir", str(tmp_path), "--dataset_name", "owner/other"], capsys)
+    assert "--dataset_name and --train_data_dir both name the training data; pass only one" in err
     assert "Unknown ResLoRA structure 'xs'" in cli_error(["--reslora_structure", "xs"], capsys)
     assert "pre_num=-2 is invalid" in cli_error(["--pre_num", "-2"], capsys)
     assert "shortcut_decay=(0.9, 0.5) is invalid" in cli_error(["--shortcut_decay", "0.9", "0.5"], capsys)

@@ -200,6 +200,8 @@ def merge_reslora(
 
     if method not in MERGE_METHODS:
         raise ValueError(f"Unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}.")
+    if svd_rank is not None and not (isinstance(svd_rank, int) and svd_rank >= 1):
+        raise ValueError(f"svd_rank must be a positive integer (the rank to compress bs factors to), got {svd_rank!r}.")
     controller = get_controller(model)
     structure = controller.config.structure
     forward_fn = forward_fn or _default_forward
