@@ -29,7 +29,13 @@ import numpy as np
 import torch
 
 from reslora_diffusers import ShortcutSchedule, inject_reslora, load_training_state, merged_view, save_training_state
-from reslora_diffusers.core.export import DIFFUSERS_WEIGHT_NAME, EXPORT_FORMATS, KOHYA_WEIGHT_NAME
+from reslora_diffusers.core.export import (
+    DIFFUSERS_WEIGHT_NAME,
+    EXPORT_FORMATS,
+    KOHYA_WEIGHT_NAME,
+    atomic_save_image,
+    atomic_write_text,
+)
 from reslora_diffusers.core.model import get_controller
 from reslora_diffusers.demo.pokemon_style import DEFAULT_SAMPLE_PROMPTS
 from reslora_diffusers.integrations.cli import add_reslora_args, reslora_config_from_args
@@ -824,30 +830,39 @@ class Snapshots:
             (folder / sub).mkdir(parents=True, exist_ok=True)
             for i, row in enumerate(rows):
                 for seed, image in zip(self.seeds, row):
-                    image.save(folder / sub / f"prompt-{i:02d}_seed-{seed}.png")
-        with open(folder / "prompts.json", "w") as f:
-            json.dump({"prompts": self.prompts, "seeds": self.seeds}, f, indent=2)
-        grid = self.draw_grid()
+                    atomic_save_image(image, str(folder / sub / f"prompt-{i:02d}_seed-{seed}.png"))
+        atomic_write_text(json.dumps({"prompts": self.prompts, "seeds": self.seeds}, indent=2), str(folder / "prompts.json"))
+        grid, unreadable = draw_progress_grid(self.samples_dir, self.prompts, self.seeds[0],
+                                              Path(self.args.output_dir) / "progress_grid.png")
+        if unreadable:
+            self.accelerator.print(f"Left out of the progress grid, since an image could not be read: "
+                                   f"{', '.join(unreadable)} (samples from an earlier, interrupted run).")
         log_images(self.accelerator, {tag: [im for row in views[""] for im in row], "progress_grid": [grid]}, step)
 
-    def draw_grid(self):
-        from PIL import Image
 
-        from reslora_diffusers.demo.grids import make_grid
+def draw_progress_grid(samples_dir: Path, prompts: list[str], seed: int, path: Path):
+    """Write the prompts x snapshots grid of the ``seed`` samples to ``path``; returns (grid, the snapshot folders
+    left out because one of their images is missing or unreadable)."""
+    from PIL import Image
 
-        columns = sorted(self.samples_dir.glob("step-*"))
-        labels = [f"step {int(s.name.split('-')[1])}" for s in columns]
-        if (self.samples_dir / EXPORT_SAMPLES_DIR).is_dir():
-            columns.append(self.samples_dir / EXPORT_SAMPLES_DIR)
-            labels.append("export")
-        rows = []
-        for i, _ in enumerate(self.prompts):
-            rows.append([Image.open(s / f"prompt-{i:02d}_seed-{self.seeds[0]}.png").convert("RGB") for s in columns])
-        grid = make_grid(rows, row_labels=self.prompts, col_labels=labels)
-        tmp = Path(self.args.output_dir) / ".progress_grid.png.tmp"
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, Path(self.args.output_dir) / "progress_grid.png")
-        return grid
+    from reslora_diffusers.demo.grids import make_grid
+
+    folders = sorted(samples_dir.glob("step-*"))
+    labels = [f"step {int(s.name.split('-')[1])}" for s in folders]
+    if (samples_dir / EXPORT_SAMPLES_DIR).is_dir():
+        folders.append(samples_dir / EXPORT_SAMPLES_DIR)
+        labels.append("export")
+    columns, kept_labels, unreadable = [], [], []
+    for folder, label in zip(folders, labels):
+        try:
+            columns.append([Image.open(folder / f"prompt-{i:02d}_seed-{seed}.png").convert("RGB") for i in range(len(prompts))])
+            kept_labels.append(label)
+        except (OSError, ValueError):  # missing, truncated or not an image
+            unreadable.append(folder.name)
+    rows = [[column[i] for column in columns] for i in range(len(prompts))]
+    grid = make_grid(rows, row_labels=prompts, col_labels=kept_labels)
+    atomic_save_image(grid, str(path))
+    return grid, unreadable
 
 
 def log_images(accelerator, images, step):

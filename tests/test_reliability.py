@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from test_train_script import QUICK, cli_error, make_imagefolder, run_script, train
 
 from reslora_diffusers.integrations import merge as merge_cli
 from reslora_diffusers.integrations import sd_training
-from reslora_diffusers.core.export import atomic_save_file, atomic_write_text
+from reslora_diffusers.core.export import atomic_save_file, atomic_save_image, atomic_write_text
 from reslora_diffusers.integrations.run_dir import (
     MANIFEST_NAME,
     RunDirError,
@@ -289,15 +290,37 @@ def test_remerge_writes_a_consistent_set_and_refuses_checkpoints(finished, tmp_p
     assert f"{run / 'reslora_training_state.json'}: not a readable JSON file" in capsys.readouterr().err
 
 
+
+def test_progress_grid_leaves_out_a_snapshot_it_cannot_read(tmp_path):
+    """A sample truncated by a crash (before sample writes were atomic) must not stop the next grid."""
+    from reslora_diffusers.demo.grids import make_grid
+
+    prompts, columns = ["a", "b"], {"step-000000": 10, "step-000002": 90, "export": 170}
+    for name, shade in columns.items():
+        (tmp_path / "samples" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (shade + i, 0, 0)).save(tmp_path / "samples" / name / f"prompt-{i:02d}_seed-0.png")
+    broken = tmp_path / "samples" / "step-000002" / "prompt-01_seed-0.png"
+    broken.write_bytes(broken.read_bytes()[:20])
+    grid, unreadable = train.draw_progress_grid(tmp_path / "samples", prompts, 0, tmp_path / "progress_grid.png")
+    assert unreadable == ["step-000002"]
+    expected = make_grid([[Image.new("RGB", (8, 8), (shade + i, 0, 0)) for shade in (10, 170)] for i in range(2)],
+                         row_labels=prompts, col_labels=["step 0", "export"])
+    assert np.array_equal(np.asarray(grid), np.asarray(expected))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "progress_grid.png").convert("RGB")), np.asarray(expected))
+
+
 # ------------------------------------------------------------------------------------ 11. file modes
 def test_exported_files_follow_the_umask(finished, tmp_path):
     old = os.umask(0o027)
     try:
         atomic_write_text("x", str(tmp_path / "a.txt"))
         atomic_save_file({"t": torch.zeros(1)}, str(tmp_path / "b.safetensors"))
+        atomic_save_image(Image.new("RGB", (4, 4)), str(tmp_path / "c.png"))
     finally:
         os.umask(old)
-    for name in ("a.txt", "b.safetensors"):
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.safetensors", "c.png"]  # no temporary file left
+    for name in ("a.txt", "b.safetensors", "c.png"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640
     lora = stat.S_IMODE((finished / EXPORT[0]).stat().st_mode)
     assert lora == 0o666 & ~old  # the launched run inherited the test's umask

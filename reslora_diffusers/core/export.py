@@ -91,6 +91,17 @@ def atomic_write_text(text: str, path: str):
             os.remove(tmp)
 
 
+def atomic_save_image(image, path: str):
+    """Save a PIL image as PNG through a temporary file, so ``path`` is never a truncated image."""
+    tmp = _atomic_path(path)
+    try:
+        image.save(tmp, format="PNG")
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _export_dtype(dtype: Optional[torch.dtype], tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None else tensor
 
