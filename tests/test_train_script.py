@@ -293,6 +293,17 @@ def make_imagefolder(path, column="text", corrupt=False):
     return path
 
 
+def test_a_row_without_a_caption_is_named_before_training(tmp_path, capsys, monkeypatch):
+    folder = make_imagefolder(tmp_path / "data")
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({"file_name": "1.png"})  # no caption
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(train, "load_models", lambda *a: pytest.fail("the models were loaded before the data was checked"))
+    err = cli_error(["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "The caption of row 1 (column 'text') is None, not text" in err and "--caption_column" in err
+    assert [p.name for p in (tmp_path / "o").iterdir()] == [".reslora.lock"]  # nothing but the run's lock
+
+
 def test_missing_caption_column_lists_the_columns(tmp_path, capsys):
     folder = make_imagefolder(tmp_path / "data", column="caption")
     err = cli_error(["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "o")], capsys)

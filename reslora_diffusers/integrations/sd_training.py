@@ -55,6 +55,14 @@ def check_columns(dataset, image_column, caption_column):
                 f"{flag} {column!r} is not a column of the dataset. Its columns are: {', '.join(columns)}. "
                 f"Pass {flag} with one of them."
             )
+    for row, caption in enumerate(dataset[caption_column]):  # one column: cheap, and before any model is loaded
+        if not (isinstance(caption, str) or (isinstance(caption, (list, tuple)) and caption
+                                             and all(isinstance(c, str) for c in caption))):
+            raise TrainingError(
+                f"The caption of row {row} (column {caption_column!r}) is {caption!r}, not text. Give every image a "
+                "caption (in an imagefolder: a caption key on each metadata.jsonl line), or pass --caption_column "
+                "with a text column."
+            )
 
 
 def undecoded(dataset, column):
