@@ -50,6 +50,8 @@ from reslora_diffusers.integrations.distributed import (
 from reslora_diffusers.integrations.run_dir import (
     RunDirError,
     acquire_lock,
+    check_config,
+    check_launch,
     check_ownership,
     check_schedule_steps,
     clear_run_outputs,
@@ -430,11 +432,30 @@ def resolve_checkpoint(args):
     return path, verify_checkpoint(path)["step"]
 
 
+def launch_settings(accelerator) -> dict:
+    """How the run was launched, where it changes what a step computes (numerics, global batch)."""
+    return {"mixed_precision": str(accelerator.mixed_precision), "num_processes": accelerator.num_processes}
+
+
+def resumed_runs(args, resume_path) -> list[str]:
+    """The run folders whose record a resume must match: the output dir, and the checkpoint's own run folder when
+    the checkpoint lies elsewhere."""
+    folders = [args.output_dir]
+    if resume_path is not None and resume_path.resolve().parent != Path(args.output_dir).resolve():
+        folders.append(str(resume_path.parent))
+    return folders
+
+
 def check_run_folder(args, accelerator):
     """The output dir is ours (or ours to resume): returns (checkpoint to resume from or None, its step)."""
     check_ownership(args.output_dir, run_config(args), bool(args.resume_from_checkpoint), args.overwrite_output_dir,
                     finished=export_complete(args.output_dir), ignored=OPERATIONAL_FLAGS | RESOLVED_FLAGS)
     resume_path, resume_step = resolve_checkpoint(args)
+    for folder in resumed_runs(args, resume_path) if resume_path is not None else []:
+        if folder != args.output_dir:  # a checkpoint of another run folder: its run's record
+            check_config(folder, run_config(args), OPERATIONAL_FLAGS | RESOLVED_FLAGS, what="--resume_from_checkpoint's run folder")
+        if not (folder == args.output_dir and args.overwrite_output_dir):
+            check_launch(folder, launch_settings(accelerator))
     if args.resume_from_checkpoint and resume_path is None:
         accelerator.print(f"No checkpoint to resume from in {args.output_dir}; starting a new run.")
     return resume_path, resume_step
@@ -454,7 +475,7 @@ def run_length_schedules(args) -> list[str]:
     return spans
 
 
-def claim_output_dir(args, resume_path, resume_step, calibration, text_calibration=None):
+def claim_output_dir(args, resume_path, resume_step, calibration, text_calibration=None, launch=None):
     """The first writes: clear a replaced run (or a stale export), record this run's configuration and trajectory head,
     save the calibration set."""
     if args.overwrite_output_dir:
@@ -463,7 +484,7 @@ def claim_output_dir(args, resume_path, resume_step, calibration, text_calibrati
         remove_export(args.output_dir)
     inside = resume_path is not None and resume_path.resolve().parent == Path(args.output_dir).resolve()
     write_run_record(args.output_dir, run_config(args), resume_path.name if inside else None,
-                     args.max_train_steps if run_length_schedules(args) else None)
+                     args.max_train_steps if run_length_schedules(args) else None, launch)
     if resume_path is None or not os.path.exists(os.path.join(args.output_dir, CALIBRATION_NAME)):
         save_calibration(calibration, args.output_dir, text_calibration)
 
@@ -1143,8 +1164,8 @@ def main(args):
                 "card": card, "steps": resume_step}
     load_model_hook = register_state_hooks(accelerator, run_info)
     opt = prepare_training(args, accelerator, models, raw)
-    if resume_path is not None:
-        check_schedule_steps(args.output_dir, args.max_train_steps, run_length_schedules(args))
+    for folder in resumed_runs(args, resume_path) if resume_path is not None else []:
+        check_schedule_steps(folder, args.max_train_steps, run_length_schedules(args))
     if resume_step >= args.max_train_steps and export_complete(args.output_dir):
         accelerator.print(f"{args.output_dir} is trained to step {resume_step} (--max_train_steps {args.max_train_steps}) "
                           "and exported; nothing to do.")
@@ -1154,7 +1175,7 @@ def main(args):
 
     # from here on the run writes to its output dir
     if accelerator.is_main_process:
-        claim_output_dir(args, resume_path, resume_step, calibration, text_calibration)
+        claim_output_dir(args, resume_path, resume_step, calibration, text_calibration, launch_settings(accelerator))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and report_to != "none":
         accelerator.init_trackers("reslora", config=tracker_config(args))

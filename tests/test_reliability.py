@@ -24,9 +24,11 @@ from reslora_diffusers.integrations.run_dir import (
     MANIFEST_NAME,
     RunDirError,
     acquire_lock,
+    check_launch,
     latest_checkpoint,
     read_manifest,
     save_checkpoint,
+    set_head,
     verify_checkpoint,
     write_run_record,
 )
@@ -188,6 +190,29 @@ def test_finished_or_other_run_is_refused_and_nothing_is_written(finished, tmp_p
     err = cli_error(["--output_dir", str(run), *RUN, "--train_data_dir", str(corrupt), "--overwrite_output_dir"], capsys)
     assert "No image of the dataset could be read" in err
     assert {k: v for k, v in file_digests(run).items() if k != ".reslora.lock"} == before
+
+
+def test_a_checkpoint_of_another_run_folder_is_checked_against_that_run(finished, tmp_path, capsys):
+    other = tmp_path / "other"
+    argv = ["--output_dir", str(other), *RUN, "--resume_from_checkpoint", str(finished / "checkpoint-2")]
+    err = cli_error([*argv, "--rank", "8"], capsys)
+    assert "--resume_from_checkpoint's run folder" in err and "--rank 4 (saved) vs 8 (now)" in err
+    assert [p.name for p in other.iterdir()] == [".reslora.lock"]  # refused before anything was written
+    assert json.loads((finished / "reslora_run.json").read_text())["launch"] == {"mixed_precision": "no", "num_processes": 1}
+
+
+def test_a_resume_under_another_launch_is_refused(tmp_path):
+    launch = {"mixed_precision": "no", "num_processes": 1}
+    write_run_record(str(tmp_path), {"seed": 0}, None)  # recorded before launch settings: not checked
+    check_launch(str(tmp_path), {"mixed_precision": "bf16", "num_processes": 2})
+    write_run_record(str(tmp_path), {"seed": 0}, None, launch=launch)
+    check_launch(str(tmp_path), dict(launch))
+    for now in ({"mixed_precision": "bf16", "num_processes": 1}, {"mixed_precision": "no", "num_processes": 2}):
+        with pytest.raises(RunDirError, match="launched with other settings") as err:
+            check_launch(str(tmp_path), now)
+        assert "accelerate launch --mixed_precision no --num_processes 1" in str(err.value)
+    set_head(str(tmp_path), "checkpoint-2")  # moving the head keeps the launch record
+    assert json.loads((tmp_path / "reslora_run.json").read_text())["launch"] == launch
 
 
 def test_second_run_in_a_locked_dir_is_refused(tmp_path, capsys):

@@ -66,32 +66,66 @@ def read_run_record(output_dir: str):
     return read_json(path) if os.path.exists(path) else None
 
 
-def write_run_record(output_dir: str, config: dict, head, schedule_steps=None):
-    """The run's configuration, its trajectory head and, when a schedule spans the run, the steps it spans."""
+def write_run_record(output_dir: str, config: dict, head, schedule_steps=None, launch=None):
+    """The run's configuration, its trajectory head, how it was launched (``launch``: mixed precision and process
+    count) and, when a schedule spans the run, the steps it spans (``schedule_steps``)."""
     record = {"config": config, "head": head}
-    if schedule_steps is not None:
-        record["schedule_steps"] = schedule_steps
+    for key, value in (("schedule_steps", schedule_steps), ("launch", launch)):
+        if value is not None:
+            record[key] = value
     atomic_write_text(json.dumps(record, indent=2, sort_keys=True), os.path.join(output_dir, RUN_RECORD_NAME))
 
 
 def set_head(output_dir: str, head):
     record = read_run_record(output_dir)
-    write_run_record(output_dir, record["config"], head, record.get("schedule_steps"))
+    write_run_record(output_dir, record["config"], head, record.get("schedule_steps"), record.get("launch"))
 
 
-def check_schedule_steps(output_dir: str, steps: int, schedules: list[str]):
+def check_schedule_steps(record_dir: str, steps: int, schedules: list[str]):
     """Refuse to resume a run whose schedules span another number of steps (``schedules``: the flags that span
     the run; empty when none does). Records without ``schedule_steps`` are not checked."""
-    record = read_run_record(output_dir) if os.path.isdir(output_dir) else None
+    record = read_run_record(record_dir) if os.path.isdir(record_dir) else None
     saved = (record or {}).get("schedule_steps")
     if saved is None or saved == steps or not schedules:
         return
     raise RunDirError(
-        f"--max_train_steps {steps} differs from the {saved} steps the run in {output_dir} was started with, and "
+        f"--max_train_steps {steps} differs from the {saved} steps the run in {record_dir} was started with, and "
         f"{' and '.join(schedules)} span the whole run: resuming with another length would move them (the learning "
         f"rate or the shortcut weight would jump back). Resume with --max_train_steps {saved}, or train the longer "
         "schedule as a new run (--overwrite_output_dir or another --output_dir)."
     )
+
+
+def check_launch(record_dir: str, launch: dict):
+    """Refuse to resume a run launched with another mixed precision or process count (they change what a step
+    computes: the numerics, or the global batch). Records without ``launch`` are not checked."""
+    saved = ((read_run_record(record_dir) if os.path.isdir(record_dir) else None) or {}).get("launch")
+    if not saved:
+        return
+    changed = [f"{k} {saved.get(k)!r} (saved) vs {launch.get(k)!r} (now)" for k in sorted(set(saved) | set(launch))
+               if saved.get(k) != launch.get(k)]
+    if changed:
+        raise RunDirError(
+            f"The run in {record_dir} was launched with other settings: {'; '.join(changed)}. Resume it with "
+            f"`accelerate launch --mixed_precision {saved.get('mixed_precision')} --num_processes "
+            f"{saved.get('num_processes')} ...` (a step would compute something else), or start a new run."
+        )
+
+
+def check_config(record_dir: str, config: dict, ignored=frozenset(), what: str = "--output_dir"):
+    """Refuse when the run recorded in ``record_dir`` has another configuration than ``config`` (keys in ``ignored``
+    are not compared, and never printed: a record written before they left the record may hold them)."""
+    record = read_run_record(record_dir) if os.path.isdir(record_dir) else None
+    if record is None:
+        return
+    config = json.loads(json.dumps(config))
+    saved = {k: v for k, v in record.get("config", {}).items() if k not in ignored}
+    changed = [f"--{k} {saved.get(k)!r} (saved) vs {config.get(k)!r} (now)" for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+    if changed:
+        raise RunDirError(
+            f"{what} {record_dir} holds a run with another configuration: {'; '.join(changed)}. Resume with the "
+            "run's flags, or pass --overwrite_output_dir to replace it."
+        )
 
 
 def run_outputs(output_dir: str) -> list[str]:
@@ -117,14 +151,7 @@ def check_ownership(output_dir: str, config: dict, resume: bool, overwrite: bool
             f"--output_dir {output_dir} already holds a {'finished' if finished else 'unfinished'} run. Pass "
             "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another --output_dir."
         )
-    config = json.loads(json.dumps(config))
-    saved = {k: v for k, v in record.get("config", {}).items() if k not in ignored}
-    changed = [f"--{k} {saved.get(k)!r} (saved) vs {config.get(k)!r} (now)" for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
-    if changed:
-        raise RunDirError(
-            f"--output_dir {output_dir} holds a run with another configuration: {'; '.join(changed)}. Resume with the "
-            "run's flags, or pass --overwrite_output_dir to replace it."
-        )
+    check_config(output_dir, config, ignored)
 
 
 def clear_run_outputs(output_dir: str):
