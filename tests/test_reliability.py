@@ -310,6 +310,13 @@ def test_remerge_writes_a_consistent_set_and_refuses_checkpoints(finished, tmp_p
     assert merge_cli.main([str(checkpoint), "--merge", "ls"]) == 2
     assert "is a training checkpoint" in capsys.readouterr().err and file_digests(checkpoint) == before
 
+    # weights of another save beside this JSON (a save stopped between the two files): named, not loaded
+    good = (run / "reslora_training_state.safetensors").read_bytes()
+    shutil.copy(run / "checkpoint-2" / "reslora_training_state.safetensors", run / "reslora_training_state.safetensors")
+    assert merge_cli.main([str(run), "--merge", "ls"]) == 2
+    assert "is not the file that reslora_training_state.json beside it was saved with" in capsys.readouterr().err
+    (run / "reslora_training_state.safetensors").write_bytes(good)
+
     (run / "reslora_training_state.json").write_text('{"format": "reslora-tr')
     assert merge_cli.main([str(run), "--merge", "ls"]) == 2
     assert f"{run / 'reslora_training_state.json'}: not a readable JSON file" in capsys.readouterr().err

@@ -9,6 +9,7 @@ All files are written to a temporary name and renamed, so a crash never leaves h
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import tempfile
@@ -89,6 +90,14 @@ def atomic_write_text(text: str, path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_save_image(image, path: str):
@@ -270,6 +279,7 @@ def save_training_state(model, save_directory: str, extra: Optional[dict] = None
     os.makedirs(save_directory, exist_ok=True)
     path = os.path.join(save_directory, STATE_WEIGHT_NAME)
     atomic_save_file(tensors, path)
+    meta["weights_sha256"] = file_sha256(path)  # the JSON, written last, vouches for the weights beside it
     atomic_write_text(json.dumps(meta, indent=2, sort_keys=True), os.path.join(save_directory, STATE_CONFIG_NAME))
     return path
 
@@ -302,7 +312,13 @@ def load_training_state(model, save_directory: str):
             f"The saved state is ResLoRA '{config.structure}' pre_num={config.pre_num}, but the model has "
             f"'{controller.config.structure}' pre_num={controller.config.pre_num}."
         )
-    tensors = load_safetensors(os.path.join(save_directory, STATE_WEIGHT_NAME))
+    weights = os.path.join(save_directory, STATE_WEIGHT_NAME)
+    if meta.get("weights_sha256") not in (None, file_sha256(weights) if os.path.exists(weights) else None):
+        raise ValueError(
+            f"{weights} is not the file that {STATE_CONFIG_NAME} beside it was saved with (a save stopped between the "
+            "two files). Resume the run from its latest checkpoint, which rewrites both, or load a checkpoint folder."
+        )
+    tensors = load_safetensors(weights)
     missing = [n for n in controller.variants if f"{n}.lora_A" not in tensors]
     if missing:
         raise ValueError(f"The saved state lacks ResLoRA modules {missing[:5]} (of {len(missing)}).")

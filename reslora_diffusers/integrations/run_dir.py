@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import fcntl
 import glob
-import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
-from ..core.export import atomic_write_text, read_json
+from ..core.export import atomic_write_text, file_sha256, read_json
 
 RUN_RECORD_NAME = "reslora_run.json"
 LOCK_NAME = ".reslora.lock"
@@ -34,14 +33,6 @@ RUN_OUTPUTS = [
 
 class RunDirError(RuntimeError):
     """The output dir or a checkpoint in it cannot be used; the message says why and what to do."""
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------- ownership

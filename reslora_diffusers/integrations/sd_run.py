@@ -21,13 +21,13 @@ from ..core.export import (
     KOHYA_WEIGHT_NAME,
     atomic_save_file,
     atomic_write_text,
+    file_sha256,
     load_safetensors,
     read_json,
     save_pipeline_lora,
 )
 from ..core.merging import merge_error, merge_reslora
 from ..core.model import get_controller
-from .run_dir import file_sha256
 
 CALIBRATION_NAME = "reslora_calibration.safetensors"
 REPORT_NAME = "merge_report.json"
