@@ -1122,9 +1122,10 @@ def finish(accelerator, trained, exit_code):
     return exit_code
 
 
-def run_card(args, model_path):
-    """The model card's facts, also stored with every training state."""
-    return {"base_model": model_path, "dataset": args.dataset_name or args.train_data_dir or args.dataset,
+def run_card(args, model_path, hub_repo_id=None):
+    """The model card's facts, also stored with every training state. A pushed run's card loads the LoRA from
+    ``hub_repo_id``, the others from the output dir."""
+    return {"base_model": model_path, "repo_or_path": hub_repo_id or args.output_dir, "dataset": args.dataset_name or args.train_data_dir or args.dataset,
             "structure": args.reslora_structure, "pre_num": args.pre_num, "rank": args.rank,
             "lora_alpha": args.lora_alpha, "resolution": args.resolution, "learning_rate": args.learning_rate,
             "seed": args.seed, "example_prompt": sample_prompts(args)[0], "shortcut_decay": args.shortcut_decay,
@@ -1159,7 +1160,7 @@ def main(args):
     resume_path, resume_step = check_run_folder(args, accelerator)
     raw = load_training_data(args)
     models = load_models(args, accelerator)
-    card = run_card(args, models.path)
+    card = run_card(args, models.path, hub_repo_id)
     run_info = {"pretrained_model_name_or_path": models.path, "revision": args.revision, "dataset": card["dataset"],
                 "card": card, "steps": resume_step}
     load_model_hook = register_state_hooks(accelerator, run_info)

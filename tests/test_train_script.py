@@ -169,6 +169,7 @@ def test_remerge_cli_rewrites_export_with_another_method(runs, tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     assert report["method"] == "ls"
     assert (out / "pytorch_lora_weights.safetensors").exists()
+    assert f'load_lora_weights("{out}", weight_name=' in (out / "README.md").read_text()  # the card loads this export
     # it ends with the same summary as training does, warning above 5%
     held = report["held_out"]["relative_output_error"]
     assert f"UNet merge 'ls': on held-out batches the export's UNet output differs from the trained model's by " \
@@ -471,6 +472,17 @@ def test_embedded_base_defaults_to_rank_64_and_decayed_shortcuts(capsys):
     assert view() == view("--merge_at", "0.6") == view("--pretrained_model_name_or_path", "o/sd2", "--merge_at", "0.5") == "trained"
     assert view("--no_shortcut_decay") == view("--reslora_structure", "bs") == view("--pretrained_model_name_or_path", "o/sd2") == "merged"
     assert view("--sample_view", "merged") == "merged"
+
+
+def test_a_pushed_runs_card_loads_the_lora_from_the_hub(tmp_path):
+    from reslora_diffusers.integrations.sd_run import model_card
+
+    args = train.parse_args(["--output_dir", str(tmp_path / "run"), "--push_to_hub", "--hub_model_id", "me/creatures"])
+    files = {"files": ["pytorch_lora_weights.safetensors"]}
+    card = model_card(str(tmp_path / "run"), {**train.run_card(args, "base", "me/creatures"), **files})
+    assert 'pipe.load_lora_weights("me/creatures", weight_name="pytorch_lora_weights.safetensors")' in card
+    card = model_card(str(tmp_path / "run"), {**train.run_card(args, "base"), **files})  # not pushed: the folder
+    assert f'pipe.load_lora_weights("{tmp_path / "run"}", weight_name=' in card
 
 
 def test_hub_token_is_never_recorded_and_old_records_holding_it_still_resume(tmp_path):
