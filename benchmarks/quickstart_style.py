@@ -20,6 +20,9 @@ unless the run names another): the look a fine-tune can reach at best, per colou
 ``StableDiffusionPipeline`` + ``load_lora_weights``) and samples every colour word, not only the sample
 prompts', in ``colour_sweep_prompt`` at seeds 0..N-1 (the run's resolution and guidance, 20 steps):
 how many samples keep the prompt's colour, per colour word, before and after the fine-tune.
+
+``--latent_distances`` also prints how far apart the base's VAE puts flat fills of each pair of colour words
+(``fill_latent_distances``), for the dataset's pastels and the base's saturated fills.
 """
 
 from __future__ import annotations
@@ -31,10 +34,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reslora_diffusers.demo.pokemon_style import COLOR_NAMES, base_style_sample, pokemon_style_sample, with_article
+from reslora_diffusers.demo.pokemon_style import (
+    COLOR_NAMES,
+    PASTEL_COLORS,
+    SATURATED_COLORS,
+    base_style_sample,
+    pokemon_style_sample,
+    with_article,
+)
 from reslora_diffusers.demo.style_score import caption_colour, fill_colour_match, style_score_image
 from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
-from reslora_diffusers.demo.vae_check import vae_round_trip
+from reslora_diffusers.demo.vae_check import fill_latent_distances, vae_round_trip
 
 
 def snapshot_folders(run: Path) -> list[tuple[str, Path]]:
@@ -149,6 +159,22 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def latent_distances(base_path: str) -> dict:
+    """``fill_latent_distances`` of the base's VAE for the dataset's pastel fills and the base's saturated ones."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(base_path, subfolder="vae").float().eval()
+    return {style: {f"{a}-{b}": d for (a, b), d in fill_latent_distances(vae, colours).items()}
+            for style, colours in (("pastel", PASTEL_COLORS), ("saturated", SATURATED_COLORS))}
+
+
+def latent_markdown(distances: dict) -> str:
+    lines = ["| fill pair | pastel (dataset): latent distance | saturated (base) |", "|---|---|---|"]
+    for pair in sorted(distances["pastel"], key=distances["pastel"].get):
+        lines.append(f"| {pair} | {distances['pastel'][pair]:.2f} | {distances['saturated'][pair]:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="the --output_dir of a training run")
@@ -158,6 +184,8 @@ def main(argv=None):
                     help="also round-trip N dataset images through the base's VAE")
     ap.add_argument("--colour_sweep", type=int, default=0, metavar="N",
                     help="also sample every colour word at seeds 0..N-1 from the base and the export")
+    ap.add_argument("--latent_distances", action="store_true",
+                    help="also print how far apart the base's VAE puts each pair of fill colours in its latent space")
     args = ap.parse_args(argv)
     folders = snapshot_folders(args.run)
     first = next(folders[0][1].glob("prompt-*.png"))
@@ -171,6 +199,9 @@ def main(argv=None):
         base = run_config(args.run).get("pretrained_model_name_or_path") or TINY_BASE_PATH
         report["vae_round_trip"] = base_vae_round_trip(base, args.vae_round_trip, resolution)
         print("VAE round trip of dataset images:", json.dumps(report["vae_round_trip"]))
+    if args.latent_distances:
+        report["latent_distances"] = latent_distances(run_config(args.run).get("pretrained_model_name_or_path") or TINY_BASE_PATH)
+        print(latent_markdown(report["latent_distances"]))
     if args.colour_sweep:
         report["colour_sweep"] = colour_sweep(args.run, args.colour_sweep, resolution)
         print(sweep_markdown(report["colour_sweep"]))

@@ -37,6 +37,7 @@ from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
 from reslora_diffusers.demo.vae_check import (
     GATE_COLOUR_FRACTION,
     GATE_STYLE_MEAN,
+    fill_latent_distances,
     round_trip_shortfalls,
     vae_round_trip,
 )
@@ -221,6 +222,15 @@ def test_vae_round_trip_of_a_lossless_autoencoder_scores_the_dataset_itself():
     counts = Counter(caption_colour(cap) for _, cap in pairs)
     assert result["colour_matched"] == {c: [k, k] for c, k in sorted(counts.items())}
     assert round_trip_shortfalls(result, GATE_COLOUR_FRACTION, GATE_STYLE_MEAN) == []
+
+
+def test_fill_latent_distances_of_a_pixel_autoencoder_are_the_colour_distances():
+    colours = {"a": (255, 0, 0), "b": (0, 0, 255), "c": (255, 255, 255)}
+    result = fill_latent_distances(_PixelAutoencoder(), colours)
+    for (x, y), dist in result.items():  # independent: the pixels in [-1, 1] are the latent
+        expected = np.linalg.norm((np.array(colours[x]) - np.array(colours[y])) / 127.5)
+        assert dist == pytest.approx(expected, rel=1e-6)
+    assert sorted(result) == [("a", "b"), ("a", "c"), ("b", "c")]
 
 
 def test_vae_round_trip_catches_a_decoder_that_shifts_colours():

@@ -60,3 +60,20 @@ def round_trip_shortfalls(result: dict, min_colour_fraction: float, min_style_me
     if result["style_mean"] < min_style_mean:
         problems.append(f"style score mean {result['style_mean']:.3f} (< {min_style_mean})")
     return problems
+
+
+@torch.no_grad()
+def fill_latent_distances(vae, colours: dict, size: int = 64) -> dict:
+    """How far apart ``vae`` puts flat fills of ``colours`` ({name: RGB}) in its scaled latent space: for each pair of
+    names, the distance between their latent vectors (posterior mean, averaged over the latent's interior). The UNet
+    denoises in these units (noise of standard deviation 1), so fills that are close here are hard to tell apart."""
+    param = next(vae.parameters())
+    scaling = getattr(getattr(vae, "config", None), "scaling_factor", 1.0)
+    latents = {}
+    for name, rgb in colours.items():
+        x = torch.tensor(rgb, dtype=torch.float32).div(127.5).sub(1.0).view(1, 3, 1, 1).expand(1, 3, size, size)
+        z = vae.encode(x.to(device=param.device, dtype=param.dtype)).latent_dist.mean[0].float()
+        border = max(1, z.shape[-1] // 8)  # away from the padded edge
+        latents[name] = z[:, border:-border, border:-border].mean(dim=(1, 2)) * scaling
+    names = sorted(colours)
+    return {(a, b): float((latents[a] - latents[b]).norm()) for i, a in enumerate(names) for b in names[i + 1:]}
