@@ -453,9 +453,9 @@ def check_run_folder(args, accelerator):
     resume_path, resume_step = resolve_checkpoint(args)
     for folder in resumed_runs(args, resume_path) if resume_path is not None else []:
         if folder != args.output_dir:  # a checkpoint of another run folder: its run's record
-            check_config(folder, run_config(args), OPERATIONAL_FLAGS | RESOLVED_FLAGS, what="--resume_from_checkpoint's run folder")
-        if not (folder == args.output_dir and args.overwrite_output_dir):
-            check_launch(folder, launch_settings(accelerator))
+            check_config(folder, run_config(args), OPERATIONAL_FLAGS | RESOLVED_FLAGS,
+                         what="--resume_from_checkpoint's run folder")
+        check_launch(folder, launch_settings(accelerator))  # (--overwrite_output_dir cannot come with a resume)
     if args.resume_from_checkpoint and resume_path is None:
         accelerator.print(f"No checkpoint to resume from in {args.output_dir}; starting a new run.")
     return resume_path, resume_step
@@ -1124,12 +1124,15 @@ def finish(accelerator, trained, exit_code):
 
 def run_card(args, model_path, hub_repo_id=None):
     """The model card's facts, also stored with every training state. A pushed run's card loads the LoRA from
-    ``hub_repo_id``, the others from the output dir."""
-    return {"base_model": model_path, "repo_or_path": hub_repo_id or args.output_dir, "dataset": args.dataset_name or args.train_data_dir or args.dataset,
+    ``hub_repo_id``; the others from the folder the card is written to."""
+    card = {"base_model": model_path, "dataset": args.dataset_name or args.train_data_dir or args.dataset,
             "structure": args.reslora_structure, "pre_num": args.pre_num, "rank": args.rank,
             "lora_alpha": args.lora_alpha, "resolution": args.resolution, "learning_rate": args.learning_rate,
             "seed": args.seed, "example_prompt": sample_prompts(args)[0], "shortcut_decay": args.shortcut_decay,
             "merge_at": args.merge_at}
+    if hub_repo_id:
+        card["repo_or_path"] = hub_repo_id
+    return card
 
 
 def resume(args, accelerator, models, opt, resume_path, resume_step, load_model_hook):

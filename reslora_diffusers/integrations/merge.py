@@ -70,13 +70,12 @@ def remerge(args) -> str:
         calib_dir = os.path.dirname(os.path.abspath(args.run_dir))  # a checkpoint folder: the run's
     calibration = load_calibration(calib_dir)
     extra = {"re_merged_from": args.run_dir, "steps": run_info.get("steps")}
-    card = dict(run_info.get("card") or {"base_model": base, "dataset": run_info.get("dataset")})
-    if not card.get("repo_or_path") or os.path.isdir(card["repo_or_path"]):  # a local run, not a hub repo: this export
-        card["repo_or_path"] = out
+    card = run_info.get("card") or {"base_model": base, "dataset": run_info.get("dataset")}
     report = export_run(unet, out, args.merge, calibration, svd_rank=args.svd_rank, extra=extra, card=card,
                         export_format=args.export_format, text_encoder=text_encoder,
                         text_batches=load_text_calibration(calib_dir) if text_encoder is not None else None)
-    return f"Merged '{report['structure']}' with '{args.merge}' into {out} (errors in merge_report.json).\n{merge_summary(report)}"
+    return (f"Merged '{report['structure']}' with '{args.merge}' into {out} (errors in merge_report.json).\n"
+            f"{merge_summary(report)}")
 
 
 def main(argv=None) -> int:
