@@ -195,12 +195,12 @@ def main(argv=None):
               "dataset": reference_scores(pokemon_style_sample, args.num_reference, resolution),
               "base_style": reference_scores(base_style_sample, args.num_reference, resolution)}
     print(markdown(report))
+    base = run_config(args.run).get("pretrained_model_name_or_path") or TINY_BASE_PATH
     if args.vae_round_trip:
-        base = run_config(args.run).get("pretrained_model_name_or_path") or TINY_BASE_PATH
         report["vae_round_trip"] = base_vae_round_trip(base, args.vae_round_trip, resolution)
         print("VAE round trip of dataset images:", json.dumps(report["vae_round_trip"]))
     if args.latent_distances:
-        report["latent_distances"] = latent_distances(run_config(args.run).get("pretrained_model_name_or_path") or TINY_BASE_PATH)
+        report["latent_distances"] = latent_distances(base)
         print(latent_markdown(report["latent_distances"]))
     if args.colour_sweep:
         report["colour_sweep"] = colour_sweep(args.run, args.colour_sweep, resolution)
