@@ -941,11 +941,12 @@ class StopRequest:
         self.accelerator.print(f"\nReceived signal {signum}: saving a checkpoint after this step, then exiting.")
 
     def requested(self):
-        """True on every rank if any rank was asked to stop (a collective under DDP)."""
+        """True on every rank if any rank was asked to stop (a collective under DDP; no device sync otherwise)."""
+        if self.accelerator.num_processes == 1:
+            self.stopping = self.signal is not None
+            return self.stopping
         flag = torch.tensor(1.0 if self.signal is not None else 0.0, device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, "max")
-        self.stopping = bool(flag > 0)
+        self.stopping = bool(self.accelerator.reduce(flag, "max") > 0)
         return self.stopping
 
     @property
@@ -1000,9 +1001,12 @@ def micro_step(args, accelerator, models, opt, batch, global_step, micro):
 
 def after_optimizer_step(args, accelerator, models, opt, schedules, snapshots, state, step_loss, progress, run_info):
     """Check the step, advance lambda, log, checkpoint and snapshot on their cadences."""
-    if not (torch.isfinite(step_loss) & all_finite(opt.params)):  # after the step: the weights it made
+    # one host sync per step: the loss for the bar and whether the step (and the weights it made) is finite
+    loss_value, finite = torch.stack([step_loss.detach().float(),
+                                      (torch.isfinite(step_loss) & all_finite(opt.params)).float()]).tolist()
+    if not finite:
         raise TrainingError(
-            f"Non-finite loss ({step_loss.item()}) or LoRA weights at step {state.global_step + 1}; stopping "
+            f"Non-finite loss ({loss_value}) or LoRA weights at step {state.global_step + 1}; stopping "
             f"without saving it and without an export. Last good checkpoint: {state.last_checkpoint or 'none'}. "
             "Lower --learning_rate, set --max_grad_norm, or use --mixed_precision bf16/no instead of fp16."
         )
@@ -1010,7 +1014,7 @@ def after_optimizer_step(args, accelerator, models, opt, schedules, snapshots, s
     lam = [schedule.update(state.global_step) for schedule in schedules][0]  # the state after this step
     run_info["steps"] = state.global_step
     progress.update(1)
-    logs = {"loss": step_loss.item(), "lr": opt.lr_scheduler.get_last_lr()[0]}
+    logs = {"loss": loss_value, "lr": opt.lr_scheduler.get_last_lr()[0]}
     if args.shortcut_decay or args.merge_at:
         logs["shortcut_scale"] = lam
     progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
