@@ -401,6 +401,7 @@ def test_an_unreadable_image_is_replaced_by_the_next_readable_example():
             {"image": {"bytes": b"nor this", "path": None}, "text": "c"}, {"image": images[2], "text": "d"}]
     args = SimpleNamespace(seed=0, resolution=8, center_crop=False, random_flip=False, image_interpolation_mode="bilinear",
                            image_column="image", caption_column="text", proportion_empty_prompts=0.0)
+
     class Tokenizer:  # the first letter's code
         model_max_length = 1
 

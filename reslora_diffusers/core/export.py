@@ -70,26 +70,29 @@ def read_json(path: str):
         raise ValueError(f"{path}: not a readable JSON file ({type(err).__name__}: {err}).") from err
 
 
-def atomic_save_file(tensors: dict, path: str, metadata: Optional[dict] = None):
-    """``safetensors.save_file`` to a temporary file, then rename into place."""
+def _write_atomically(path: str, write):
+    """``write(tmp)`` a temporary file beside ``path``, then rename it into place (removed if anything fails)."""
     tmp = _atomic_path(path)
     try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save_file(tensors: dict, path: str, metadata: Optional[dict] = None):
+    """``safetensors.save_file`` to a temporary file, then rename into place."""
+    cpu = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    _write_atomically(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def atomic_write_text(text: str, path: str):
-    tmp = _atomic_path(path)
-    try:
+    def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-        _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    _write_atomically(path, write)
 
 
 def file_sha256(path) -> str:
@@ -102,13 +105,7 @@ def file_sha256(path) -> str:
 
 def atomic_save_image(image, path: str):
     """Save a PIL image as PNG through a temporary file, so ``path`` is never a truncated image."""
-    tmp = _atomic_path(path)
-    try:
-        image.save(tmp, format="PNG")
-        _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _export_dtype(dtype: Optional[torch.dtype], tensor: torch.Tensor) -> torch.Tensor:
