@@ -438,10 +438,12 @@ def launch_settings(accelerator) -> dict:
 
 
 def resumed_runs(args, resume_path) -> list[str]:
-    """The run folders whose record a resume must match: the output dir, and the checkpoint's own run folder when
-    the checkpoint lies elsewhere."""
+    """The run folders whose record a resume must match (none without a resume): the output dir, and the
+    checkpoint's own run folder when the checkpoint lies elsewhere."""
+    if resume_path is None:
+        return []
     folders = [args.output_dir]
-    if resume_path is not None and resume_path.resolve().parent != Path(args.output_dir).resolve():
+    if resume_path.resolve().parent != Path(args.output_dir).resolve():
         folders.append(str(resume_path.parent))
     return folders
 
@@ -451,7 +453,7 @@ def check_run_folder(args, accelerator):
     check_ownership(args.output_dir, run_config(args), bool(args.resume_from_checkpoint), args.overwrite_output_dir,
                     finished=export_complete(args.output_dir), ignored=OPERATIONAL_FLAGS | RESOLVED_FLAGS)
     resume_path, resume_step = resolve_checkpoint(args)
-    for folder in resumed_runs(args, resume_path) if resume_path is not None else []:
+    for folder in resumed_runs(args, resume_path):
         if folder != args.output_dir:  # a checkpoint of another run folder: its run's record
             check_config(folder, run_config(args), OPERATIONAL_FLAGS | RESOLVED_FLAGS,
                          what="--resume_from_checkpoint's run folder")
@@ -1172,7 +1174,7 @@ def main(args):
                 "card": card, "steps": resume_step}
     load_model_hook = register_state_hooks(accelerator, run_info)
     opt = prepare_training(args, accelerator, models, raw)
-    for folder in resumed_runs(args, resume_path) if resume_path is not None else []:
+    for folder in resumed_runs(args, resume_path):
         check_schedule_steps(folder, args.max_train_steps, run_length_schedules(args))
     if resume_step >= args.max_train_steps and export_complete(args.output_dir):
         accelerator.print(f"{args.output_dir} is trained to step {resume_step} (--max_train_steps {args.max_train_steps}) "

@@ -75,8 +75,7 @@ def set_head(output_dir: str, head):
 def check_schedule_steps(record_dir: str, steps: int, schedules: list[str]):
     """Refuse to resume a run whose schedules span another number of steps (``schedules``: the flags that span
     the run; empty when none does). Records without ``schedule_steps`` are not checked."""
-    record = read_run_record(record_dir) if os.path.isdir(record_dir) else None
-    saved = (record or {}).get("schedule_steps")
+    saved = (read_run_record(record_dir) or {}).get("schedule_steps")
     if saved is None or saved == steps or not schedules:
         return
     raise RunDirError(
@@ -90,7 +89,7 @@ def check_schedule_steps(record_dir: str, steps: int, schedules: list[str]):
 def check_launch(record_dir: str, launch: dict):
     """Refuse to resume a run launched with another mixed precision or process count (they change what a step
     computes: the numerics, or the global batch). Records without ``launch`` are not checked."""
-    saved = ((read_run_record(record_dir) if os.path.isdir(record_dir) else None) or {}).get("launch")
+    saved = (read_run_record(record_dir) or {}).get("launch")
     if not saved:
         return
     changed = [f"{k} {saved.get(k)!r} (saved) vs {launch.get(k)!r} (now)" for k in sorted(set(saved) | set(launch))
@@ -106,7 +105,7 @@ def check_launch(record_dir: str, launch: dict):
 def check_config(record_dir: str, config: dict, ignored=frozenset(), what: str = "--output_dir"):
     """Refuse when the run recorded in ``record_dir`` has another configuration than ``config`` (keys in ``ignored``
     are not compared, and never printed: a record written before they left the record may hold them)."""
-    record = read_run_record(record_dir) if os.path.isdir(record_dir) else None
+    record = read_run_record(record_dir)  # None where there is no record (or no folder)
     if record is None:
         return
     config = json.loads(json.dumps(config))
