@@ -21,8 +21,9 @@ unless the run names another): the look a fine-tune can reach at best, per colou
 prompts', in ``colour_sweep_prompt`` at seeds 0..N-1 (the run's resolution and guidance, 20 steps):
 how many samples keep the prompt's colour, per colour word, before and after the fine-tune.
 
-``--latent_distances`` also prints how far apart the base's VAE puts flat fills of each pair of colour words
-(``fill_latent_distances``), for the dataset's pastels and the base's saturated fills.
+``--latent_distances`` also prints how far apart the base's VAE puts the fills of each pair of colour words
+(``fill_latent_distances``): the dataset's pastels (a large outlined ellipse on white) and the base's saturated
+fills (on a dark background), and which colour word each probe comes back as after the VAE's encode/decode.
 """
 
 from __future__ import annotations
@@ -36,15 +37,13 @@ from PIL import Image
 
 from reslora_diffusers.demo.pokemon_style import (
     COLOR_NAMES,
-    PASTEL_COLORS,
-    SATURATED_COLORS,
     base_style_sample,
     pokemon_style_sample,
     with_article,
 )
 from reslora_diffusers.demo.style_score import caption_colour, fill_colour_match, style_score_image
 from reslora_diffusers.demo.tiny_sd2 import TINY_BASE_PATH
-from reslora_diffusers.demo.vae_check import fill_latent_distances, vae_round_trip
+from reslora_diffusers.demo.vae_check import PROBE_STYLES, fill_latent_distances, vae_round_trip
 
 
 def snapshot_folders(run: Path) -> list[tuple[str, Path]]:
@@ -164,14 +163,22 @@ def latent_distances(base_path: str) -> dict:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(base_path, subfolder="vae").float().eval()
-    return {style: {f"{a}-{b}": d for (a, b), d in fill_latent_distances(vae, colours).items()}
-            for style, colours in (("pastel", PASTEL_COLORS), ("saturated", SATURATED_COLORS))}
+    report = {}
+    for style, (colours, background, outline) in PROBE_STYLES.items():
+        result = fill_latent_distances(vae, colours, background, outline)
+        report[style] = {f"{a}-{b}": d for (a, b), d in result["distances"].items()}
+        report[f"{style}_decoded_as"] = result["decoded"]
+    return report
 
 
 def latent_markdown(distances: dict) -> str:
     lines = ["| fill pair | pastel (dataset): latent distance | saturated (base) |", "|---|---|---|"]
     for pair in sorted(distances["pastel"], key=distances["pastel"].get):
         lines.append(f"| {pair} | {distances['pastel'][pair]:.2f} | {distances['saturated'][pair]:.2f} |")
+    for style in PROBE_STYLES:
+        wrong = {name: got for name, got in distances[f"{style}_decoded_as"].items() if got != name}
+        lines.append(f"\n{style} probes decoded by the VAE: "
+                     + (", ".join(f"{name} comes back {got}" for name, got in sorted(wrong.items())) or "every colour kept"))
     return "\n".join(lines)
 
 

@@ -38,6 +38,7 @@ from reslora_diffusers.demo.vae_check import (
     GATE_COLOUR_FRACTION,
     GATE_STYLE_MEAN,
     fill_latent_distances,
+    fill_probe,
     round_trip_shortfalls,
     vae_round_trip,
 )
@@ -225,12 +226,26 @@ def test_vae_round_trip_of_a_lossless_autoencoder_scores_the_dataset_itself():
 
 
 def test_fill_latent_distances_of_a_pixel_autoencoder_are_the_colour_distances():
-    colours = {"a": (255, 0, 0), "b": (0, 0, 255), "c": (255, 255, 255)}
-    result = fill_latent_distances(_PixelAutoencoder(), colours)
-    for (x, y), dist in result.items():  # independent: the pixels in [-1, 1] are the latent
+    colours = {"a": (255, 0, 0), "b": (0, 0, 255), "c": (250, 250, 250)}
+    # outlined on white, like the dataset: averaging any outline or background pixel into a fill would show
+    result = fill_latent_distances(_PixelAutoencoder(), colours, background=(255, 255, 255), outline=(20, 20, 20))
+    for (x, y), dist in result["distances"].items():  # independent: the pixels in [-1, 1] are the latent
         expected = np.linalg.norm((np.array(colours[x]) - np.array(colours[y])) / 127.5)
-        assert dist == pytest.approx(expected, rel=1e-6)
-    assert sorted(result) == [("a", "b"), ("a", "c"), ("b", "c")]
+        assert dist == pytest.approx(expected, rel=1e-5)
+    assert sorted(result["distances"]) == [("a", "b"), ("a", "c"), ("b", "c")]
+
+
+def test_fill_latent_distances_names_what_each_probe_decodes_as():
+    colours = {name: PASTEL_COLORS[name] for name in ("blue", "orange", "green")}
+    kept = fill_latent_distances(_PixelAutoencoder(), colours, outline=(20, 20, 20))["decoded"]
+    assert kept == {"blue": "blue", "orange": "orange", "green": "green"}
+    # a decoder that swaps red and blue: pastel blue (160, 205, 255) comes back (255, 205, 160), orange's hue
+    swapped = fill_latent_distances(_PixelAutoencoder(lambda x: x[:, [2, 1, 0]]), colours, outline=(20, 20, 20))
+    assert swapped["decoded"]["blue"] == "orange" and swapped["decoded"]["green"] == "green"
+    # the probe's interior is the fill only: every interior pixel has the fill colour, and it is most of the image
+    image, interior = fill_probe((10, 200, 30), (255, 255, 255), (20, 20, 20), size=64)
+    pixels = np.asarray(image)
+    assert (pixels[interior] == (10, 200, 30)).all() and 0.4 < interior.mean() < 0.8
 
 
 def test_vae_round_trip_catches_a_decoder_that_shifts_colours():
@@ -309,3 +324,4 @@ def test_base_save_interrupted_midway_keeps_the_previous_base(tmp_path, fail):
     build.save_base(_FakePipe("new"), args)  # the next save cleans up the leftover .partial folder
     assert (out / "unet" / "weights.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+

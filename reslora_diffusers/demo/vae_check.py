@@ -14,13 +14,17 @@ import torch
 from PIL import Image
 
 from ..integrations.sd_training import transform_image
-from .pokemon_style import pokemon_style_sample
+from .pokemon_style import OUTLINE, PASTEL_COLORS, SATURATED_COLORS, pokemon_style_sample
 from .style_score import caption_colour, fill_colour_match, style_score_image
 
 #: the base build's bars: every colour word keeps its colour in this fraction of round-tripped images ...
 GATE_COLOUR_FRACTION = 0.8
 #: ... and the round trip's mean style score is at least this (dataset images themselves: 0.95 on average)
 GATE_STYLE_MEAN = 0.85
+#: how each style's fills are drawn for ``fill_latent_distances``: (colours, background, outline). The dataset's
+#: pastels are outlined on white; the base's saturated fills sit on a dark background (its backgrounds vary,
+#: but are never close in hue to the fill)
+PROBE_STYLES = {"pastel": (PASTEL_COLORS, (255, 255, 255), OUTLINE), "saturated": (SATURATED_COLORS, (30, 30, 40), None)}
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -62,18 +66,56 @@ def round_trip_shortfalls(result: dict, min_colour_fraction: float, min_style_me
     return problems
 
 
+def fill_probe(rgb, background, outline=None, size: int = 64, outline_width: int = 3, box=None):
+    """A ``size`` px image of one large ellipse filled with ``rgb`` on ``background`` (outlined in ``outline`` if
+    given), and the (size, size) bool mask of its interior: the fill pixels at least ``outline_width`` + 1 px
+    inside the ellipse's edge. ``box`` = (x0, y0, x1, y1) places the ellipse (default: centred, size / 16 from
+    the edges). Dataset-like: a VAE trained on creatures may not round-trip a whole-frame flat fill (the tiny
+    base v4's decodes whole-frame pastel green as blue)."""
+    from PIL import ImageDraw
+
+    if box is None:
+        box = (size // 16, size // 16, size - 1 - size // 16, size - 1 - size // 16)
+    image = Image.new("RGB", (size, size), tuple(background))
+    ImageDraw.Draw(image).ellipse(list(box), fill=tuple(rgb), outline=tuple(outline) if outline else None,
+                                  width=outline_width if outline else 0)
+    (x0, y0, x1, y1), inset = box, outline_width + 1
+    rx, ry = (x1 - x0) / 2 - inset, (y1 - y0) / 2 - inset
+    yy, xx = np.mgrid[0:size, 0:size]
+    return image, ((xx - (x0 + x1) / 2) / rx) ** 2 + ((yy - (y0 + y1) / 2) / ry) ** 2 <= 1.0
+
+
+def interior_cells(interior: np.ndarray, latent_size: int) -> torch.Tensor:
+    """The (latent_size, latent_size) bool mask of the latent cells whose whole pixel block is in ``interior``."""
+    factor = interior.shape[-1] // latent_size
+    return torch.from_numpy(interior.reshape(latent_size, factor, latent_size, factor).all(axis=(1, 3)))
+
+
 @torch.no_grad()
-def fill_latent_distances(vae, colours: dict, size: int = 64) -> dict:
-    """How far apart ``vae`` puts flat fills of ``colours`` ({name: RGB}) in its scaled latent space: for each pair of
-    names, the distance between their latent vectors (posterior mean, averaged over the latent's interior). The UNet
-    denoises in these units (noise of standard deviation 1), so fills that are close here are hard to tell apart."""
+def fill_latent_distances(vae, colours: dict, background=(255, 255, 255), outline=None, size: int = 64) -> dict:
+    """How far apart ``vae`` puts fills of ``colours`` ({name: RGB}) in its scaled latent space.
+
+    Each colour is drawn as ``fill_probe`` (a large ellipse on ``background``); its latent vector is the posterior
+    mean averaged over the latent cells whose whole pixel block lies inside the fill. Returns ``distances``:
+    {(name, name): distance} for each pair, and ``decoded``: {name: the colour word nearest in hue to the decoded
+    probe's interior pixels}, which shows whether the probe survives the VAE at all. The UNet denoises in these
+    units (noise of standard deviation 1), so fills that are close here are hard to tell apart.
+    """
+    from .style_score import nearest_colour_names
+
     param = next(vae.parameters())
     scaling = getattr(getattr(vae, "config", None), "scaling_factor", 1.0)
-    latents = {}
+    latents, decoded = {}, {}
     for name, rgb in colours.items():
-        x = torch.tensor(rgb, dtype=torch.float32).div(127.5).sub(1.0).view(1, 3, 1, 1).expand(1, 3, size, size)
-        z = vae.encode(x.to(device=param.device, dtype=param.dtype)).latent_dist.mean[0].float()
-        border = max(1, z.shape[-1] // 8)  # away from the padded edge
-        latents[name] = z[:, border:-border, border:-border].mean(dim=(1, 2)) * scaling
+        image, interior = fill_probe(rgb, background, outline, size)
+        x = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        z = vae.encode(x.to(device=param.device, dtype=param.dtype)).latent_dist.mean
+        cells = interior_cells(interior, z.shape[-1])
+        latents[name] = z[0].float()[:, cells.to(z.device)].mean(dim=1) * scaling
+        pixels = to_pil(vae.decode(z).sample[0])
+        values, counts = np.unique(nearest_colour_names(np.asarray(pixels)[interior]), return_counts=True)
+        decoded[name] = str(values[counts.argmax()])
     names = sorted(colours)
-    return {(a, b): float((latents[a] - latents[b]).norm()) for i, a in enumerate(names) for b in names[i + 1:]}
+    return {"distances": {(a, b): float((latents[a] - latents[b]).norm()) for i, a in enumerate(names)
+                          for b in names[i + 1:]},
+            "decoded": decoded}
