@@ -63,6 +63,10 @@ from reslora_diffusers.demo.tiny_sd2 import (
 from reslora_diffusers.demo.vae_check import (
     GATE_COLOUR_FRACTION,
     GATE_STYLE_MEAN,
+    PROBE_STYLES,
+    fill_latent_distances,
+    fill_probe,
+    interior_cells,
     round_trip_shortfalls,
     vae_round_trip,
 )
@@ -197,6 +201,12 @@ def parse_args(argv=None):
                          "with --colour-stage-weight, so that neighbouring pastels (orange/yellow, pink) separate")
     ap.add_argument("--colour-stage-lr", type=float, default=3e-4)
     ap.add_argument("--colour-stage-weight", type=float, default=2.0)
+    ap.add_argument("--separation-weight", type=float, default=0.1,
+                    help="colour stage: weight of the term that keeps the fills of the six colour words apart in "
+                         "latent space (0: off, as in the v4 base)")
+    ap.add_argument("--separation-margin", type=float, default=1.5,
+                    help="the distance (in units of the batch's latent spread) below which two fills are pushed apart")
+    ap.add_argument("--probes-per-colour", type=int, default=16, help="fill probes drawn per style and colour word")
     ap.add_argument("--gate-images", type=int, default=200,
                     help="dataset images the trained VAE must round-trip before the UNet is trained (0: no gate)")
     ap.add_argument("--gate-colour", type=float, default=GATE_COLOUR_FRACTION,
@@ -249,8 +259,43 @@ def colour_differences(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([r - g, 0.5 * (r + g) - b], 1)
 
 
-def train_vae_stage(vae, vae_x, steps, lr, colour_weight, args, gen, desc):
-    """MSE + small KL + ``colour_weight`` x MSE on ``colour_differences``; returns (reconstruction MSE, KL)."""
+def render_probes(args):
+    """Fill probes for the separation term: for each ``PROBE_STYLES`` style and colour word, ``--probes-per-colour``
+    ellipses of random size and place (``fill_probe``). Returns {style: (uint8 NCHW images, colour-major,
+    latent-cell masks of their interiors)}."""
+    rng = random.Random(f"fill-probes-{args.seed}")
+    latent_size = TINY_RESOLUTION // 8
+    probes = {}
+    for style, (colours, background, outline) in PROBE_STYLES.items():
+        images, cells = [], []
+        for name in COLOR_NAMES:
+            for _ in range(args.probes_per_colour):
+                cx, cy = rng.randint(26, 38), rng.randint(26, 38)
+                rx, ry = rng.randint(18, 24), rng.randint(18, 24)
+                image, interior = fill_probe(colours[name], background, outline, TINY_RESOLUTION,
+                                             outline_width=rng.randint(2, 4), box=(cx - rx, cy - ry, cx + rx, cy + ry))
+                images.append(image)
+                cells.append(interior_cells(interior, latent_size))
+        probes[style] = (to_tensor(images), torch.stack(cells))
+    return probes
+
+
+def latent_separation_loss(latent_mean: torch.Tensor, cells: torch.Tensor, spread: torch.Tensor, margin: float):
+    """Mean over pairs of fills of relu(margin - distance / spread)^2: each fill's latent is the posterior mean
+    averaged over its interior ``cells`` (N, h, w), one fill per colour word, in units of ``spread``."""
+    weights = cells.to(latent_mean.dtype).unsqueeze(1)
+    fills = (latent_mean * weights).sum(dim=(2, 3)) / weights.sum(dim=(2, 3)) / spread
+    i, j = torch.triu_indices(len(fills), len(fills), 1)
+    return F.relu(margin - (fills[i] - fills[j]).norm(dim=1)).pow(2).mean()
+
+
+def train_vae_stage(vae, vae_x, steps, lr, colour_weight, args, gen, desc, probes=None):
+    """MSE + small KL + ``colour_weight`` x MSE on ``colour_differences``; returns (reconstruction MSE, KL).
+
+    With ``probes`` (``render_probes``), each batch also holds one probe per style and colour word, and
+    ``--separation-weight`` x ``latent_separation_loss`` keeps each style's six fills apart in units of the batch's
+    latent spread (the scaling factor is set from that spread later, so the separation survives it).
+    """
     vae.train().requires_grad_(True)
     # No L1 term: with L1 + MSE (tried, 400 steps) the decoder settles on the median, the background,
     # and reconstructs every shape as a blurry blob in one of two colours.
@@ -261,7 +306,15 @@ def train_vae_stage(vae, vae_x, steps, lr, colour_weight, args, gen, desc):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=20)
         idx = torch.randint(len(vae_x), (args.vae_batch,), generator=gen)
-        x = as_input(vae_x[idx])
+        batch = [vae_x[idx]]
+        if probes:
+            picks = {}
+            for style, (images, cells) in probes.items():  # one probe per colour word: colour-major order
+                per_colour = len(images) // len(COLOR_NAMES)
+                k = torch.randint(per_colour, (len(COLOR_NAMES),), generator=gen) + per_colour * torch.arange(len(COLOR_NAMES))
+                picks[style] = cells[k]
+                batch.append(images[k])
+        x = as_input(torch.cat(batch))
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
@@ -270,6 +323,13 @@ def train_vae_stage(vae, vae_x, steps, lr, colour_weight, args, gen, desc):
         loss = rec_loss + args.kl_weight * kl
         if colour_weight:
             loss = loss + colour_weight * F.mse_loss(colour_differences(rec), colour_differences(x))
+        if probes:
+            n = args.vae_batch
+            spread = torch.sqrt(post.mean[:n].var() + post.std[:n].pow(2).mean()).detach()
+            for style_cells in picks.values():
+                loss = loss + args.separation_weight * latent_separation_loss(
+                    post.mean[n:n + len(style_cells)], style_cells, spread, args.separation_margin)
+                n += len(style_cells)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)
@@ -285,7 +345,8 @@ def train_vae_stage(vae, vae_x, steps, lr, colour_weight, args, gen, desc):
 
 
 def train_vae(vae, base_x, clutter_x, outlined_x, args, gen):
-    """Two stages: all images with ``--colour-weight``, then the creatures only with ``--colour-stage-weight``.
+    """Two stages: all images with ``--colour-weight``, then the creatures only with ``--colour-stage-weight``
+    and the fill probes' separation term (``--separation-weight``).
 
     One stage with a high colour weight from the start (tried: 2.0, 1600 steps) keeps the pastels but
     erases the outlines (round-trip style score 0.35); one stage at 0.5 keeps the outlines but pulls
@@ -299,9 +360,20 @@ def train_vae(vae, base_x, clutter_x, outlined_x, args, gen):
     losses = train_vae_stage(vae, torch.cat([base_x, clutter_x, outlined_x]), args.vae_steps, args.vae_lr,
                              args.colour_weight, args, gen, "vae")
     if args.colour_stage_steps:
+        probes = render_probes(args) if args.separation_weight else None
         losses = train_vae_stage(vae, torch.cat([base_x, outlined_x]), args.colour_stage_steps, args.colour_stage_lr,
-                                 args.colour_stage_weight, args, gen, "vae colours")
+                                 args.colour_stage_weight, args, gen, "vae colours", probes)
     return losses
+
+
+def report_fill_distances(vae) -> None:
+    """Print the scaled latent distances of each style's fills (``fill_latent_distances``, closest pair first)."""
+    for style, (colours, background, outline) in PROBE_STYLES.items():
+        result = fill_latent_distances(vae, colours, background, outline, TINY_RESOLUTION)
+        pairs = sorted(result["distances"].items(), key=lambda item: item[1])
+        wrong = {name: got for name, got in result["decoded"].items() if got != name}
+        print(f"{style} fills in latent space: " + ", ".join(f"{a}-{b} {d:.2f}" for (a, b), d in pairs)
+              + (f"; probes decoded as another colour: {wrong}" if wrong else ""), flush=True)
 
 
 def check_vae(vae, args) -> dict:
@@ -443,6 +515,7 @@ def main(argv=None):
     emb, cap_index, empty_index = embed_captions(pipe.tokenizer, pipe.text_encoder, captions)
     print(f"cached latents/embeddings in {time.time() - t0:.1f}s; scaling_factor={pipe.vae.config.scaling_factor:.4f}; "
           f"{empty_index} captions", flush=True)
+    report_fill_distances(pipe.vae)
     scaling = pipe.vae.config.scaling_factor
     unet_loss = train_unet(pipe.unet, lat_mean * scaling, lat_std * scaling, emb, cap_index, empty_index, args, gen)
 

@@ -325,3 +325,37 @@ def test_base_save_interrupted_midway_keeps_the_previous_base(tmp_path, fail):
     assert (out / "unet" / "weights.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
+
+def test_latent_separation_loss_is_the_hinge_on_fill_distances_written_out():
+    build = _load_build_script()
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 3, 8, 8, generator=gen)
+    cells = torch.rand(4, 8, 8, generator=gen) < 0.5
+    spread, margin = torch.tensor(0.7), 4.0
+    # independent: each fill's latent is the plain mean of its interior cells' vectors, then a loop over pairs
+    fills = []
+    for n in range(4):
+        vectors = [latents[n, :, r, c] for r in range(8) for c in range(8) if cells[n, r, c]]
+        fills.append(torch.stack(vectors).mean(0) / spread)
+    hinges = [max(0.0, margin - float((fills[a] - fills[b]).norm())) ** 2 for a in range(4) for b in range(a + 1, 4)]
+    got = build.latent_separation_loss(latents, cells, spread, margin)
+    assert float(got) == pytest.approx(sum(hinges) / len(hinges), rel=1e-5) and float(got) > 0
+    # fills already farther apart than the margin cost nothing, so reconstruction alone shapes them
+    assert float(build.latent_separation_loss(latents, cells, spread, 0.01)) == 0.0
+
+
+def test_fill_probes_are_one_per_style_colour_and_draw_the_named_colour():
+    build = _load_build_script()
+    args = SimpleNamespace(seed=0, probes_per_colour=3)
+    probes = build.render_probes(args)
+    assert sorted(probes) == ["pastel", "saturated"]
+    for style, (images, cells) in probes.items():
+        colours = PASTEL_COLORS if style == "pastel" else SATURATED_COLORS
+        assert images.shape == (len(COLOR_NAMES) * 3, 3, 64, 64) and cells.shape == (len(COLOR_NAMES) * 3, 8, 8)
+        for k, name in enumerate(COLOR_NAMES):  # colour-major: probes 3k..3k+2 are the k-th colour word
+            for i in range(3 * k, 3 * k + 3):
+                assert cells[i].sum() >= 4
+                # every pixel of every interior latent cell is the fill colour
+                block = cells[i].repeat_interleave(8, 0).repeat_interleave(8, 1)
+                pixels = images[i].permute(1, 2, 0)[block]
+                assert (pixels == torch.tensor(colours[name], dtype=torch.uint8)).all()
