@@ -13,8 +13,10 @@
    outlines cannot decode them (tried: the base VAE trained on shapes + clutter reconstructs
    pokemon-style images with L1 0.27 of [-1, 1], as blurry blobs). The UNet never sees them;
 2. trains the AutoencoderKL (MSE reconstruction + small KL + an MSE on the colour differences, so that
-   pastel fills keep their hue) in two stages, outlines first, then colours (see ``train_vae``), then
-   gates the build on it: 200 pokemon-style dataset images must
+   pastel fills keep their hue) in two stages, outlines first, then colours (see ``train_vae``). The
+   colour stage also keeps the six colour words' fills apart in latent space (``latent_separation_loss``):
+   the v4 VAE put pastel orange and yellow 0.12 apart in units of the UNet's noise, and fine-tunes on it
+   turned pink creatures orange. Then it gates the build on the VAE: 200 pokemon-style dataset images must
    keep their look through its encode/decode (``reslora_diffusers.demo.vae_check``), or the build stops
    before the UNet, since no fine-tune of the base could reach a look its decoder cannot draw. Sets the
    scaling_factor from the latent statistics;
