@@ -103,19 +103,23 @@ def run_config(run: Path) -> dict:
 
 
 def sweep_colours(pipe, num_seeds: int, resolution: int, guidance: float) -> dict:
-    """Per colour word: how many of ``num_seeds`` samples of ``pipe`` keep the prompt's colour, and their mean
-    style score (``colour_sweep_prompt`` at seeds 0..N-1, 20 steps)."""
+    """Per colour word: how many of ``num_seeds`` samples of ``pipe`` keep the prompt's colour, what colour words the
+    samples come back as (``fill_colour_match``'s nearest; None: no fill pixels), and their mean style score
+    (``colour_sweep_prompt`` at seeds 0..N-1, 20 steps)."""
     import torch
 
     out = {}
     for colour in COLOR_NAMES:
-        kept, styles = 0, []
+        kept, styles, came_back_as = 0, [], {}
         for seed in range(num_seeds):
             image = pipe(colour_sweep_prompt(colour), num_inference_steps=20, guidance_scale=guidance,
                          height=resolution, width=resolution, generator=torch.Generator().manual_seed(seed)).images[0]
-            kept += fill_colour_match(image, colour)["match"]
+            match = fill_colour_match(image, colour)
+            kept += match["match"]
+            came_back_as[str(match["nearest"])] = came_back_as.get(str(match["nearest"]), 0) + 1
             styles.append(style_score_image(image))
-        out[colour] = {"kept": kept, "of": num_seeds, "style_mean": float(np.mean(styles))}
+        out[colour] = {"kept": kept, "of": num_seeds, "came_back_as": dict(sorted(came_back_as.items())),
+                       "style_mean": float(np.mean(styles))}
     return out
 
 
@@ -136,13 +140,15 @@ def colour_sweep(run: Path, num_seeds: int, resolution: int) -> dict:
 
 
 def sweep_markdown(sweep: dict) -> str:
-    lines = ["| colour word | base: colour kept | export: colour kept | export: style (mean) |", "|---|---|---|---|"]
+    lines = ["| colour word | base: colour kept | export: colour kept | export: came back as | export: style (mean) |",
+             "|---|---|---|---|---|"]
     for colour in COLOR_NAMES:
         b, e = sweep["base"][colour], sweep["export"][colour]
-        lines.append(f"| {colour} | {b['kept']}/{b['of']} | {e['kept']}/{e['of']} | {e['style_mean']:.2f} |")
+        came = ", ".join(f"{name} {k}" for name, k in e["came_back_as"].items() if name != colour)
+        lines.append(f"| {colour} | {b['kept']}/{b['of']} | {e['kept']}/{e['of']} | {came or '-'} | {e['style_mean']:.2f} |")
     total = lambda part: sum(v["kept"] for v in sweep[part].values())  # noqa: E731
     n = sweep["seeds"] * len(COLOR_NAMES)
-    lines.append(f"| all | {total('base')}/{n} | {total('export')}/{n} | |")
+    lines.append(f"| all | {total('base')}/{n} | {total('export')}/{n} | | |")
     return "\n".join(lines)
 
 

@@ -573,5 +573,6 @@ def test_quickstart_style_colour_sweep_loads_the_export_like_a_user(runs, tmp_pa
                  guidance_scale=sweep["guidance"], height=report["resolution"], width=report["resolution"],
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert sweep["export"]["orange"]["kept"] == int(fill_colour_match(image, "orange")["match"])
+    assert sweep["export"]["orange"]["came_back_as"] == {str(fill_colour_match(image, "orange")["nearest"]): 1}
     assert sweep["export"]["orange"]["style_mean"] == pytest.approx(style_score_image(image), abs=1e-6)
     assert sweep["export"]["orange"]["of"] == 1
