@@ -67,6 +67,7 @@ from reslora_diffusers.demo.vae_check import (
     GATE_STYLE_MEAN,
     PROBE_STYLES,
     fill_latent_distances,
+    fill_latents,
     fill_probe,
     interior_cells,
     round_trip_shortfalls,
@@ -285,8 +286,7 @@ def render_probes(args):
 def latent_separation_loss(latent_mean: torch.Tensor, cells: torch.Tensor, spread: torch.Tensor, margin: float):
     """Mean over pairs of fills of relu(margin - distance / spread)^2: each fill's latent is the posterior mean
     averaged over its interior ``cells`` (N, h, w), one fill per colour word, in units of ``spread``."""
-    weights = cells.to(latent_mean.dtype).unsqueeze(1)
-    fills = (latent_mean * weights).sum(dim=(2, 3)) / weights.sum(dim=(2, 3)) / spread
+    fills = fill_latents(latent_mean, cells) / spread
     i, j = torch.triu_indices(len(fills), len(fills), 1)
     return F.relu(margin - (fills[i] - fills[j]).norm(dim=1)).pow(2).mean()
 

@@ -91,6 +91,12 @@ def interior_cells(interior: np.ndarray, latent_size: int) -> torch.Tensor:
     return torch.from_numpy(interior.reshape(latent_size, factor, latent_size, factor).all(axis=(1, 3)))
 
 
+def fill_latents(latents: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Each fill's latent vector: the (N, C, h, w) ``latents`` averaged over its (N, h, w) interior ``cells``."""
+    weights = cells.to(device=latents.device, dtype=latents.dtype).unsqueeze(1)
+    return (latents * weights).sum(dim=(2, 3)) / weights.sum(dim=(2, 3))
+
+
 @torch.no_grad()
 def fill_latent_distances(vae, colours: dict, background=(255, 255, 255), outline=None, size: int = 64) -> dict:
     """How far apart ``vae`` puts fills of ``colours`` ({name: RGB}) in its scaled latent space.
@@ -110,8 +116,7 @@ def fill_latent_distances(vae, colours: dict, background=(255, 255, 255), outlin
         image, interior = fill_probe(rgb, background, outline, size)
         x = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
         z = vae.encode(x.to(device=param.device, dtype=param.dtype)).latent_dist.mean
-        cells = interior_cells(interior, z.shape[-1])
-        latents[name] = z[0].float()[:, cells.to(z.device)].mean(dim=1) * scaling
+        latents[name] = fill_latents(z.float(), interior_cells(interior, z.shape[-1])[None])[0] * scaling
         pixels = to_pil(vae.decode(z).sample[0])
         values, counts = np.unique(nearest_colour_names(np.asarray(pixels)[interior]), return_counts=True)
         decoded[name] = str(values[counts.argmax()])
