@@ -1135,7 +1135,11 @@ def run_card(args, model_path, hub_repo_id=None):
             "structure": args.reslora_structure, "pre_num": args.pre_num, "rank": args.rank,
             "lora_alpha": args.lora_alpha, "resolution": args.resolution, "learning_rate": args.learning_rate,
             "seed": args.seed, "example_prompt": sample_prompts(args)[0], "shortcut_decay": args.shortcut_decay,
-            "merge_at": args.merge_at}
+            "merge_at": args.merge_at,
+            # the card's snippet draws the grid's first export sample with these (seed 0 of the sample seeds)
+            "sample_settings": {"num_inference_steps": args.sample_num_inference_steps,
+                                "guidance_scale": args.sample_guidance_scale,
+                                "height": args.resolution, "width": args.resolution, "seed": 0}}
     if hub_repo_id:
         card["repo_or_path"] = hub_repo_id
     return card

@@ -486,6 +486,23 @@ def test_a_pushed_runs_card_loads_the_lora_from_the_hub(tmp_path):
     assert f'pipe.load_lora_weights("{tmp_path / "run"}", weight_name=' in card
 
 
+def test_the_cards_snippet_samples_with_the_grids_settings(tmp_path):
+    from reslora_diffusers.integrations.sd_run import model_card
+
+    args = train.parse_args(["--output_dir", str(tmp_path / "run"), "--sample_guidance_scale", "3.5",
+                             "--sample_num_inference_steps", "12", "--resolution", "48"])
+    files = {"files": ["pytorch_lora_weights.safetensors"]}
+    card = model_card(str(tmp_path / "run"), {**train.run_card(args, "base"), **files})
+    call = card[card.index("image = pipe("):card.index(".images[0]")]
+    for setting in ("num_inference_steps=12", "guidance_scale=3.5", "height=48", "width=48",
+                    "generator=torch.Generator().manual_seed(0)"):
+        assert setting in call
+    # a card re-written from a training state recorded before sample_settings: the plain call, still valid
+    old = {k: v for k, v in train.run_card(args, "base").items() if k != "sample_settings"}
+    card = model_card(str(tmp_path / "run"), {**old, **files})
+    assert f'image = pipe("{old["example_prompt"]}").images[0]' in card
+
+
 def test_hub_token_is_never_recorded_and_old_records_holding_it_still_resume(tmp_path):
     from reslora_diffusers.integrations.run_dir import RunDirError, check_ownership, write_run_record
 

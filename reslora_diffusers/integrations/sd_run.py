@@ -186,6 +186,23 @@ def export_complete(output_dir: str) -> bool:
         return False
 
 
+def snippet_call(info: dict) -> list[str]:
+    """The card snippet's ``pipe(...)`` line(s). With the run's ``sample_settings`` it passes the progress grid's
+    sampling settings and seed, so it draws the grid's first export sample; the pipeline's own defaults (50 steps,
+    guidance 7.5) can look unlike the grid. Cards of runs recorded before ``sample_settings`` call ``pipe(prompt)``."""
+    prompt = info.get("example_prompt", "a cartoon creature")
+    settings = info.get("sample_settings")
+    if not settings:
+        return [f'image = pipe("{prompt}").images[0]']
+    return [
+        "# the progress grid's settings and seed: this draws the grid's first export sample",
+        f'image = pipe("{prompt}", num_inference_steps={settings["num_inference_steps"]}, '
+        f'guidance_scale={settings["guidance_scale"]},',
+        f'             height={settings["height"]}, width={settings["width"]}, '
+        f'generator=torch.Generator().manual_seed({settings["seed"]})).images[0]',
+    ]
+
+
 def model_card(output_dir: str, info: dict) -> str:
     """A diffusers-style model card (``README.md``) for the LoRA exported to ``output_dir``."""
     base = info.get("base_model", "")
@@ -237,7 +254,7 @@ def model_card(output_dir: str, info: dict) -> str:
         f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
         f'pipe.load_lora_weights("{info.get("repo_or_path", output_dir)}", weight_name="{weight_name}")',
         "pipe.fuse_lora()  # optional: fold the LoRA into the weights, zero inference overhead",
-        f'image = pipe("{info.get("example_prompt", "a cartoon creature")}").images[0]',
+        *snippet_call(info),
         "```",
         "",
         "`merge_report.json` lists each module's merge coefficients and the merge error. The unmerged training "
