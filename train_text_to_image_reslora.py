@@ -760,6 +760,11 @@ def make_schedules(args, accelerator, models, optimizer, calibration, text_calib
 
 
 # ------------------------------------------------------------------------------------- sampling
+def sample_seeds(args):
+    """The seeds every snapshot draws each sample prompt with."""
+    return list(range(args.num_validation_images))
+
+
 def sample_prompts(args):
     prompts = list(args.sample_prompts or DEFAULT_SAMPLE_PROMPTS)
     return [args.validation_prompt, *prompts] if args.validation_prompt else prompts
@@ -775,7 +780,7 @@ class Snapshots:
         self.args, self.accelerator = args, accelerator
         self.calibration, self.text_calibration = calibration, text_calibration
         self.prompts = sample_prompts(args)
-        self.seeds = list(range(args.num_validation_images))
+        self.seeds = sample_seeds(args)
         self.unet = models.unet
         self.text_encoder = accelerator.unwrap_model(models.text_encoder)
         self.pipe = StableDiffusionPipeline(
@@ -1136,10 +1141,10 @@ def run_card(args, model_path, hub_repo_id=None):
             "lora_alpha": args.lora_alpha, "resolution": args.resolution, "learning_rate": args.learning_rate,
             "seed": args.seed, "example_prompt": sample_prompts(args)[0], "shortcut_decay": args.shortcut_decay,
             "merge_at": args.merge_at,
-            # the card's snippet draws the grid's first export sample with these (seed 0 of the sample seeds)
+            # the card's snippet draws the grid's first export sample with these
             "sample_settings": {"num_inference_steps": args.sample_num_inference_steps,
                                 "guidance_scale": args.sample_guidance_scale,
-                                "height": args.resolution, "width": args.resolution, "seed": 0}}
+                                "height": args.resolution, "width": args.resolution, "seed": sample_seeds(args)[0]}}
     if hub_repo_id:
         card["repo_or_path"] = hub_repo_id
     return card

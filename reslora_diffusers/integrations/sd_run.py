@@ -188,14 +188,15 @@ def export_complete(output_dir: str) -> bool:
 
 def snippet_call(info: dict) -> list[str]:
     """The card snippet's ``pipe(...)`` line(s). With the run's ``sample_settings`` it passes the progress grid's
-    sampling settings and seed, so it draws the grid's first export sample; the pipeline's own defaults (50 steps,
-    guidance 7.5) can look unlike the grid. Cards of runs recorded before ``sample_settings`` call ``pipe(prompt)``."""
+    sampling settings and seed, so on the CPU it draws the grid's first export sample of a CPU run (a GPU run's grid
+    drew its noise on the GPU); the pipeline's own defaults (50 steps, guidance 7.5) can look unlike the grid.
+    Cards of runs recorded before ``sample_settings`` call ``pipe(prompt)``."""
     prompt = info.get("example_prompt", "a cartoon creature")
     settings = info.get("sample_settings")
     if not settings:
         return [f'image = pipe("{prompt}").images[0]']
     return [
-        "# the progress grid's settings and seed: this draws the grid's first export sample",
+        "# the progress grid's settings and seed (on the CPU: the grid's first export sample of a CPU run)",
         f'image = pipe("{prompt}", num_inference_steps={settings["num_inference_steps"]}, '
         f'guidance_scale={settings["guidance_scale"]},',
         f'             height={settings["height"]}, width={settings["width"]}, '
