@@ -184,8 +184,7 @@ def test_model_card_snippet_runs_verbatim_and_draws_the_grids_export_sample(runs
     out = run_stock(snippet + "\nimport numpy\nprint(json.dumps({'pixels': numpy.asarray(image).tolist()}))\n",
                     timeout=900)
     drawn = np.asarray(out["pixels"], dtype=np.float32)
-    shown = np.asarray(Image.open(run / "samples" / "export" / "prompt-00_seed-0.png").convert("RGB"), dtype=np.float32)
-    base = np.asarray(Image.open(run / "samples" / "step-000000" / "prompt-00_seed-0.png").convert("RGB"), dtype=np.float32)
+    shown, base = pngs(run / "samples" / "export")[0], pngs(run / "samples" / "step-000000")[0]  # prompt 0, seed 0
     assert drawn.shape == shown.shape
     # fused vs unfused LoRA differ in float order only: far closer than the 4-step fine-tune moved the sample
     assert np.abs(drawn - shown).mean() < 0.25 * np.abs(shown - base).mean(), np.abs(drawn - shown).mean()
