@@ -3,9 +3,11 @@
 The runs go through ``accelerate launch`` in a subprocess, as users run it, for a few steps.
 """
 
+import ast
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -501,6 +503,14 @@ def test_the_cards_snippet_samples_with_the_grids_settings(tmp_path):
     old = {k: v for k, v in train.run_card(args, "base").items() if k != "sample_settings"}
     card = model_card(str(tmp_path / "run"), {**old, **files})
     assert f'image = pipe("{old["example_prompt"]}").images[0]' in card
+    # a prompt with quotes and a Windows path stay valid Python, with the values the run used
+    args = train.parse_args(["--output_dir", "C:\\runs\\new", "--validation_prompt", 'a "cute" dragon'])
+    card = model_card(args.output_dir, {**train.run_card(args, "base"), **files})
+    tree = ast.parse(re.search(r"```python\n(.*?)```", card, re.S).group(1))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    called = lambda name: next(c for c in calls if getattr(c.func, "attr", getattr(c.func, "id", None)) == name)  # noqa: E731
+    assert ast.literal_eval(called("load_lora_weights").args[0]) == "C:\\runs\\new"
+    assert ast.literal_eval(called("pipe").args[0]) == 'a "cute" dragon'
 
 
 def test_hub_token_is_never_recorded_and_old_records_holding_it_still_resume(tmp_path):

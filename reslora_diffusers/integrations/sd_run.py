@@ -186,18 +186,23 @@ def export_complete(output_dir: str) -> bool:
         return False
 
 
+def python_str(text: str) -> str:
+    """``text`` as a Python string literal for the card's snippet (quotes, backslashes of Windows paths)."""
+    return json.dumps(text)
+
+
 def snippet_call(info: dict) -> list[str]:
     """The card snippet's ``pipe(...)`` line(s). With the run's ``sample_settings`` it passes the progress grid's
     sampling settings and seed, so on the CPU it draws the grid's first export sample of a CPU run (a GPU run's grid
     drew its noise on the GPU); the pipeline's own defaults (50 steps, guidance 7.5) can look unlike the grid.
     Cards of runs recorded before ``sample_settings`` call ``pipe(prompt)``."""
-    prompt = info.get("example_prompt", "a cartoon creature")
+    prompt = python_str(info.get("example_prompt", "a cartoon creature"))
     settings = info.get("sample_settings")
     if not settings:
-        return [f'image = pipe("{prompt}").images[0]']
+        return [f'image = pipe({prompt}).images[0]']
     return [
         "# the progress grid's settings and seed (on the CPU: the grid's first export sample of a CPU run)",
-        f'image = pipe("{prompt}", num_inference_steps={settings["num_inference_steps"]}, '
+        f'image = pipe({prompt}, num_inference_steps={settings["num_inference_steps"]}, '
         f'guidance_scale={settings["guidance_scale"]},',
         f'             height={settings["height"]}, width={settings["width"]}, '
         f'generator=torch.Generator().manual_seed({settings["seed"]})).images[0]',
@@ -252,8 +257,8 @@ def model_card(output_dir: str, info: dict) -> str:
         "import torch",
         "from diffusers import StableDiffusionPipeline",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
-        f'pipe.load_lora_weights("{info.get("repo_or_path", output_dir)}", weight_name="{weight_name}")',
+        f'pipe = StableDiffusionPipeline.from_pretrained({python_str(base)})',
+        f'pipe.load_lora_weights({python_str(info.get("repo_or_path", output_dir))}, weight_name={python_str(weight_name)})',
         "pipe.fuse_lora()  # optional: fold the LoRA into the weights, zero inference overhead",
         *snippet_call(info),
         "```",
